@@ -1,0 +1,5 @@
+import sys
+
+from phisum.cli import main
+
+sys.exit(main())

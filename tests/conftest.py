@@ -1,0 +1,57 @@
+import os
+from pathlib import Path
+
+import pytest
+
+# Tests never reach the network: the Hub client fails fast instead of hanging.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT.parent / "shared" / "data"
+
+
+def require_data(sub: str) -> Path:
+    path = DATA / sub
+    if not path.exists():
+        pytest.skip(f"real data not found at {path} (see ../shared/data/README.md); this test reads it in place")
+    return path
+
+
+def make_tiny_adapter(path: Path, trained: bool, seed: int = 1) -> Path:
+    """A real peft LoRA adapter on the tiny base. `trained=False` is peft's default
+    init (B = 0: output identical to the base); `trained=True` has random B, so it
+    changes the output like a trained adapter does."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from phisum.profiles import PROFILES, build_tiny_model
+
+    torch.manual_seed(seed)
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=list(PROFILES["tiny"].lora_target_modules),
+                        init_lora_weights=not trained, task_type="CAUSAL_LM")
+    model = get_peft_model(build_tiny_model(), config)
+    if trained:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.5)
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_adapters(tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    return {
+        "dialogsum": make_tiny_adapter(root / "dialogsum", trained=True, seed=1),
+        "oasst": make_tiny_adapter(root / "oasst", trained=True, seed=2),
+        "zero": make_tiny_adapter(root / "zero", trained=False),
+    }
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_adapters):
+    from phisum.engine import Engine
+
+    return Engine.load("tiny", adapters={k: str(v) for k, v in tiny_adapters.items()}, progress=False)
