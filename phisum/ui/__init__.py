@@ -5,6 +5,8 @@ from __future__ import annotations
 import gradio as gr
 
 from phisum.ui.common import header_markdown
+from phisum.ui.chat_tab import create_chat_tab
+from phisum.ui.rouge_tab import create_rouge_tab
 from phisum.ui.summarize_tab import create_summarize_tab
 
 QUEUE_SIZE = 16
@@ -21,6 +23,8 @@ def build_demo(engine=None) -> gr.Blocks:
         gr.Markdown(header_markdown(engine), elem_id="header")
         with gr.Tabs():
             create_summarize_tab(engine)
+            create_chat_tab(engine)
+            create_rouge_tab(engine)
     # The model serves one event at a time (peft adapter state is shared);
     # a bounded queue refuses the overflow with a clear "queue is full" message.
     demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=1)

@@ -1,0 +1,58 @@
+"""End to end on the embedded Gemma 3 270M: conversion, cached reload, a real summary."""
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from phisum import embedded
+
+pytestmark = pytest.mark.slow
+
+RACE = """
+import logging, sys, time
+logging.basicConfig(level=logging.INFO, format="%(message)s")
+from phisum.embedded import ensure_cache
+t = time.time()
+path = ensure_cache(progress=False)
+print("DONE", path, round(time.time() - t, 1))
+"""
+
+
+def test_two_processes_convert_once_and_both_get_a_complete_cache(tmp_path):
+    # Use the run's cache when it is still empty (CI), so the suite converts only once.
+    root = Path(os.environ.get(embedded.CACHE_ENV) or tmp_path / "cache")
+    if embedded.is_cached(root / "embedded" / embedded.cache_dir().name):
+        root = tmp_path / "cache"
+    env = {**os.environ, embedded.CACHE_ENV: str(root)}
+    procs = [subprocess.Popen([sys.executable, "-c", RACE], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    paths = {line.split()[1] for out, _ in outs for line in out.splitlines() if line.startswith("DONE")}
+    assert len(paths) == 1
+    target = Path(paths.pop())
+    assert (target / "model.safetensors").stat().st_size > 500e6 and (target / "tokenizer.json").exists()
+    assert not list(target.parent.glob("*.tmp-*")), "temporary folders must not be left behind"
+    assert sum("waiting" in err for _, err in outs) == 1, "the second process waits for the first"
+
+
+def test_cached_engine_loads_fast_and_summarizes(monkeypatch):
+    if not embedded.is_cached():
+        embedded.ensure_cache(progress=False)
+    from phisum.engine import Engine
+    from phisum.generation import BASE, GenerationSettings
+    from phisum.ui.common import load_samples
+
+    t0 = time.perf_counter()
+    engine = Engine.load("embedded", adapters={}, progress=False)
+    load_seconds = time.perf_counter() - t0
+    assert load_seconds < 40, f"cached load took {load_seconds:.1f} s"
+    assert engine.info()["dtype"] == "bfloat16" and engine.packed_layers > 100
+    dialogue = load_samples()[0]["dialogue"]
+    out = engine.summarize([dialogue], BASE, GenerationSettings(max_new_tokens=40))[0]
+    assert not out.empty and out.new_tokens > 0 and out.prompt_tokens > 50
