@@ -1,0 +1,94 @@
+"""Shared helpers for the benchmarks: prompts, timing, RSS, fresh subprocesses, tables.
+
+Light imports only, so every benchmark's --help stays instant.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DIALOGSUM_TEST = ROOT.parent / "shared" / "data" / "dialogsum" / "test.jsonl"
+SAMPLES = ROOT / "assets" / "samples" / "dialogues.jsonl"
+RESULT_TAG = "BENCH_RESULT "  # the line a child process prints its measurements on
+
+
+def load_dialogues(count: int) -> tuple[list[str], str]:
+    """Real DialogSum test dialogues when the shared data is there, else the repo samples."""
+    source = DIALOGSUM_TEST if DIALOGSUM_TEST.exists() else SAMPLES
+    rows = [json.loads(line) for line in source.read_text().splitlines() if line.strip()]
+    dialogues = [r["dialogue"] for r in rows]
+    while len(dialogues) < count:
+        dialogues += dialogues
+    return dialogues[:count], str(source.relative_to(ROOT.parent) if source.is_relative_to(ROOT.parent) else source)
+
+
+def load_line() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"load average {one:.2f} / {five:.2f} / {fifteen:.2f} (1/5/15 min) on {os.cpu_count()} cores"
+
+
+def rss_mb() -> float:
+    """Current resident set size of this process in MB (Linux /proc)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("VmRSS not found in /proc/self/status")
+
+
+def peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class Timer:
+    def __enter__(self):
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.start
+
+
+def median(values) -> float:
+    return statistics.median(values)
+
+
+def run_child(code: str, env: dict | None = None, timeout: float = 900) -> dict:
+    """Run `code` in a fresh python; return the dict it printed after RESULT_TAG."""
+    full_env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT), **(env or {})}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=full_env, capture_output=True,
+                          text=True, timeout=timeout)
+    for line in proc.stdout.splitlines():
+        if line.startswith(RESULT_TAG):
+            return json.loads(line[len(RESULT_TAG):])
+    tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
+    raise RuntimeError(f"benchmark child failed (exit {proc.returncode}):\n{tail}")
+
+
+def print_table(title: str, header: list[str], rows: list[list]) -> None:
+    cells = [[str(c) for c in header]] + [[fmt(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    print(f"\n{title}")
+    for n, row in enumerate(cells):
+        print("  " + "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))))
+        if n == 0:
+            print("  " + "  ".join("-" * w for w in widths))
+
+
+def fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
+    return str(value)
+
+
+def verdict(ok: bool) -> str:
+    return "MET" if ok else "NOT MET"

@@ -1,0 +1,138 @@
+"""Generation speed of the engine on CPU: decode tokens/s, batching, time to first token.
+
+Usage:
+  python benchmarks/generation.py                      # embedded Gemma 3 270M, ~3 min
+  python benchmarks/generation.py --iterations 5 --new-tokens 96
+  python benchmarks/generation.py --profile tiny --quick
+
+Every comparison loads its variants side by side and runs them interleaved
+(A, B, A, B, ...) so drift from other work on the shared CPU cancels; the table
+shows medians and the ratio. Decode rate = batch * (N - 1) / (t(N) - t(1)):
+prefill is subtracted by also timing a 1-token run. Those runs call
+`engine.model.generate` under `engine.lock` with `eos_token_id=-1`, so every row
+generates exactly N tokens (the engine exposes no EOS override, and
+min_new_tokens would add logits-processing time). The "app path" row goes
+through `engine.generate` unchanged and counts the tokens actually generated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from _util import Timer, load_dialogues, load_line, median, print_table, verdict  # noqa: E402
+
+GOAL_DECODE = 30.0  # batch-1 bf16 tokens/s
+GOAL_BATCH8 = 6.0  # batch-8 throughput over batch-1
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", default="embedded", help="embedded (default), phi2 or tiny")
+    parser.add_argument("--iterations", type=int, default=3, help="interleaved rounds per comparison")
+    parser.add_argument("--new-tokens", type=int, default=64, help="tokens generated per timed run")
+    parser.add_argument("--batches", default="1,4,8", help="batch sizes for the throughput table")
+    parser.add_argument("--quick", action="store_true", help="1 round, 8 tokens: a smoke run")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.iterations, args.new_tokens = 1, 8
+    batches = sorted({int(b) for b in args.batches.split(",")} | {1})
+
+    import torch
+    import transformers
+    from tqdm.auto import tqdm
+
+    from phisum.engine import Engine
+    from phisum.generation import GenerationSettings
+    from phisum.prompts import dialogsum_prompt
+
+    transformers.logging.set_verbosity_error()  # eos_token_id=-1 is deliberate (see docstring)
+    print(f"profile {args.profile}, torch {torch.__version__}, {torch.get_num_threads()} threads; {load_line()}")
+    engines = {
+        "bf16 fast": Engine.load(args.profile, adapters={}, dtype="bf16", fast_cpu=True, progress=False),
+        "bf16 plain": Engine.load(args.profile, adapters={}, dtype="bf16", fast_cpu=False, progress=False),
+        "fp32": Engine.load(args.profile, adapters={}, dtype="fp32", fast_cpu=True, progress=False),
+    }
+    print(f"packed layers in 'bf16 fast': {engines['bf16 fast'].packed_layers}")
+    dialogues, source = load_dialogues(max(batches + [8]))
+    prompts = [dialogsum_prompt(d) for d in dialogues]
+    print(f"prompts: DialogSum prompt on dialogues from {source}")
+
+    def run(engine, batch, new_tokens):
+        enc = engine.tokenizer(prompts[:batch], return_tensors="pt", padding=True)
+        with engine.lock, torch.inference_mode(), Timer() as timer:
+            out = engine.model.generate(**enc, max_new_tokens=new_tokens, do_sample=False, eos_token_id=-1,
+                                        pad_token_id=engine.tokenizer.pad_token_id,
+                                        temperature=None, top_p=None, top_k=None)
+        return timer.seconds, out[:, enc.input_ids.shape[1]:]
+
+    def decode_rates(cases, rounds):
+        """cases: {label: (engine, batch)} -> ({label: [tok/s]}, {label: [prefill s]}, {label: last ids})."""
+        rates, prefill, ids = {k: [] for k in cases}, {k: [] for k in cases}, {}
+        n = args.new_tokens
+        for _ in tqdm(range(rounds), desc="rounds", leave=False):
+            for label, (engine, batch) in cases.items():
+                first, _ = run(engine, batch, 1)
+                full, ids[label] = run(engine, batch, n)
+                prefill[label].append(first)
+                rates[label].append(batch * (n - 1) / max(full - first, 1e-9))
+        return rates, prefill, ids
+
+    for engine in engines.values():  # warm-up: first calls allocate and pick kernels
+        run(engine, 1, 2)
+
+    rounds = args.iterations
+    rates, prefill, ids = decode_rates({k: (e, 1) for k, e in engines.items()}, rounds)
+    med = {k: median(v) for k, v in rates.items()}
+    same = torch.equal(ids["bf16 fast"], ids["bf16 plain"])
+    rows = [
+        ["fast CPU path vs plain bf16", f"{med['bf16 plain']:.1f}", f"{med['bf16 fast']:.1f}",
+         med["bf16 fast"] / med["bf16 plain"], f"tokens identical: {same}", verdict(same)],
+        ["bf16 (fast) vs fp32", f"{med['fp32']:.1f}", f"{med['bf16 fast']:.1f}",
+         med["bf16 fast"] / med["fp32"], f">= {GOAL_DECODE:.0f} tok/s", verdict(med["bf16 fast"] >= GOAL_DECODE)],
+    ]
+    print_table(f"Batch-1 decode tokens/s (median of {rounds}, {args.new_tokens} new tokens, prefill excluded)",
+                ["comparison", "A tok/s", "B tok/s", "B/A", "goal", "verdict"], rows)
+
+    fast = engines["bf16 fast"]
+    rates, prefill, _ = decode_rates({b: (fast, b) for b in batches}, rounds)
+    base = median(rates[1])
+    rows = [[b, median(rates[b]), median(rates[b]) / base, median(prefill[b])] for b in batches]
+    top = batches[-1]
+    print_table(f"Batched decode, bf16 fast (total tokens/s; goal batch-8 >= {GOAL_BATCH8:.0f}x batch-1: "
+                f"{verdict(8 in rates and median(rates[8]) / base >= GOAL_BATCH8)})",
+                ["batch", "tok/s total", "x batch-1", "prefill s"], rows)
+
+    settings = GenerationSettings(max_new_tokens=args.new_tokens)
+    ttft, stream_first = [], []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        stream = fast.stream(prompts[0], "base", settings)
+        for piece in stream:
+            if piece:
+                break
+        stream_first.append(time.perf_counter() - t0)
+        stream.close()
+        ttft.append(run(fast, 1, 1)[0])
+    print_table("Time to first token, batch 1, bf16 fast (median seconds)", ["measure", "seconds"],
+                [["prefill + 1 token (model.generate)", median(ttft)],
+                 ["first visible text (engine.stream)", median(stream_first)]])
+
+    app = {1: [], 8: []}
+    for _ in range(rounds):
+        for batch in app:
+            with Timer() as timer:
+                outs = fast.generate(prompts[:8], "base", settings, batch_size=batch)
+            app[batch].append(sum(o.new_tokens for o in outs) / timer.seconds)
+    print_table("App path: engine.generate on 8 prompts, stops at EOS (generated tokens/s, median)",
+                ["batch_size", "tok/s", "x batch-1"],
+                [[b, median(v), median(v) / median(app[1])] for b, v in app.items()])
+    print(f"\nafter: {load_line()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
