@@ -1,0 +1,138 @@
+"""Write an evaluation Report to disk: predictions.jsonl, metrics.json, report.md, rouge.png."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from phisum.evaluation import METRIC_LABELS, METRICS, Report
+
+EXAMPLES_SHOWN = 3
+
+
+def save_report(report: Report, out_dir: Path) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / "predictions.jsonl", "w", encoding="utf-8") as handle:
+        for row in report.rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    (out_dir / "metrics.json").write_text(json.dumps(report.metrics(), indent=2, ensure_ascii=False) + "\n",
+                                          encoding="utf-8")
+    plot_report(report, out_dir / "rouge.png")
+    (out_dir / "report.md").write_text(render_markdown(report), encoding="utf-8")
+    return out_dir
+
+
+def plot_report(report: Report, path: Path) -> Path:
+    """Grouped bars: one group per metric, one bar per system, 95% bootstrap CI whiskers."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display here, and safe inside a Gradio worker thread
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    width = 0.8 / len(report.systems)
+    for k, system in enumerate(report.systems):
+        means = [report.aggregate[system][m] for m in METRICS]
+        ci = [report.intervals[system][m] for m in METRICS]
+        err = [[mean - c["low"] for mean, c in zip(means, ci)], [c["high"] - mean for mean, c in zip(means, ci)]]
+        xs = [i + (k - (len(report.systems) - 1) / 2) * width for i in range(len(METRICS))]
+        bars = ax.bar(xs, means, width, yerr=err, capsize=4, label=system)
+        ax.bar_label(bars, labels=[f"{v:.3f}" for v in means], padding=3, fontsize=7)
+    ax.set_xticks(range(len(METRICS)), [METRIC_LABELS[m] for m in METRICS])
+    ax.set_ylabel("F1 (max over references)")
+    title = f"{report.task}: {len(report.rows)} items"
+    if report.delta:
+        d = report.delta["rougeLsum"]
+        title += f"; {report.systems[1]} - {report.systems[0]} ROUGE-Lsum {d['mean']:+.3f} " \
+                 f"[{d['low']:+.3f}, {d['high']:+.3f}]"
+    ax.set_title(title, fontsize=9)
+    top = max((report.intervals[s][m]["high"] for s in report.systems for m in METRICS), default=0.0)
+    ax.set_ylim(0, max(0.05, top * 1.2) if math.isfinite(top) else 1.0)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _score_table(report: Report, aggregate: dict, delta: dict) -> list[str]:
+    lines = ["| system | " + " | ".join(METRIC_LABELS[m] for m in METRICS) + " |",
+             "|---|" + "---:|" * len(METRICS)]
+    for system in report.systems:
+        cells = []
+        for m in METRICS:
+            ci = report.intervals[system][m] if aggregate is report.aggregate else None
+            cells.append(f"{aggregate[system][m]:.3f}" + (f" [{ci['low']:.3f}, {ci['high']:.3f}]" if ci else ""))
+        lines.append(f"| {system} | " + " | ".join(cells) + " |")
+    if delta:
+        label = f"{report.systems[1]} - {report.systems[0]}"
+        lines.append(f"| **{label}** | " + " | ".join(
+            f"**{delta[m]['mean']:+.3f}** [{delta[m]['low']:+.3f}, {delta[m]['high']:+.3f}]" for m in METRICS) + " |")
+    return lines
+
+
+def _quote(text: str, limit: int = 600) -> str:
+    text = text if len(text) <= limit else text[:limit] + " ..."
+    return "\n".join("> " + line for line in (text or "(empty output)").splitlines()) or "> (empty output)"
+
+
+def _examples(report: Report) -> list[str]:
+    """Items where the second system gained (or lost) most ROUGE-Lsum; with one system, its best and worst."""
+    systems = report.systems
+    if len(systems) == 2:
+        key = lambda r: r["scores"][systems[1]]["rougeLsum"] - r["scores"][systems[0]]["rougeLsum"]  # noqa: E731
+        title = f"ROUGE-Lsum {systems[1]} - {systems[0]}"
+    else:
+        key = lambda r: r["scores"][systems[0]]["rougeLsum"]  # noqa: E731
+        title = f"ROUGE-Lsum of {systems[0]}"
+    ranked = sorted(report.rows, key=key)
+    count = min(EXAMPLES_SHOWN, len(ranked) // 2 or 1)
+    lines = []
+    for heading, picked in (("Best examples", ranked[::-1][:count]), ("Worst examples", ranked[:count])):
+        lines += [f"## {heading} (by {title})", ""]
+        for row in picked:
+            lines += [f"### {row['id']} ({title}: {key(row):+.3f})", "", "Dialogue:", "", _quote(row["input"], 800),
+                      "", "Reference (first of {}):".format(len(row["references"])), "",
+                      _quote(row["references"][0]), ""]
+            for s in systems:
+                sc = row["scores"][s]
+                lines += [f"{s} (ROUGE-1 {sc['rouge1']:.3f}, ROUGE-Lsum {sc['rougeLsum']:.3f}, "
+                          f"stop: {row['finish'][s]}):", "", _quote(row["outputs"][s]), ""]
+    return lines
+
+
+def render_markdown(report: Report) -> str:
+    cfg, ident, gen = report.config, report.identity, report.config.get("generation", {})
+    n = len(report.rows)
+    lines = [f"# {report.task} evaluation: {' vs '.join(report.systems)}", "",
+             f"{n} items; base model `{ident.get('base_model')}` ({ident.get('profile')} profile, "
+             f"{ident.get('dtype')} on {ident.get('device')})."]
+    for name, info in ident.get("adapters", {}).items():
+        lines.append(f"Adapter `{name}`: `{info['path']}` (adapter_model.safetensors sha256 "
+                     f"`{(info['sha256'] or 'missing')[:16]}...`).")
+    if report.data:
+        lines.append(f"Data: {report.data.get('summary', report.data.get('source'))}; "
+                     f"sha256 `{(report.data.get('sha256') or 'n/a')[:16]}`; {report.data.get('selection', '')}")
+    lines += ["", "## ROUGE F1 (max over references, mean over items; [95% bootstrap CI])", "",
+              *_score_table(report, report.aggregate, report.delta), "",
+              "## ROUGE F1 against the first reference only", "",
+              *_score_table(report, report.first_ref_aggregate, report.delta_first_ref), "",
+              f"Scoring: rouge-score, stemming {'on' if cfg.get('use_stemmer') else 'off'}; ROUGE-Lsum sentences "
+              f"split with {cfg.get('sentence_splitter')}; each metric is the max over an item's references; "
+              f"delta CI: paired bootstrap, {cfg.get('bootstrap', {}).get('resamples')} resamples, "
+              f"seed {cfg.get('bootstrap', {}).get('seed')}.", "",
+              f"Generation: greedy={not gen.get('do_sample')}, max_new_tokens={gen.get('max_new_tokens')}, "
+              f"batch size {cfg.get('batch_size')} rows, same prompt for every system.", "",
+              "## Generation failures (counted, still scored)", "",
+              "| system | empty output | cut at max_new_tokens (no EOS) |", "|---|---:|---:|"]
+    for s in report.systems:
+        f = report.failures[s]
+        lines.append(f"| {s} | {f['empty']} of {n} | {f['cut_at_max_new_tokens']} of {n} |")
+    truncated = sum(bool(r["notices"]) for r in report.rows)
+    lines += ["", f"Inputs truncated to fit the context: {truncated}.",
+              f"Throughput: {report.items_per_second:.2f} items/s "
+              f"({60 * report.items_per_second * len(report.systems):.1f} summaries/min), {report.seconds:.0f} s "
+              "of generation.", "", "![ROUGE](rouge.png)", "", *_examples(report)]
+    return "\n".join(lines).rstrip() + "\n"
