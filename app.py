@@ -14,9 +14,12 @@ if __name__ == "__main__":
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
     parser.add_argument("--profile", default=None, help="auto, phi2, embedded or tiny")
+    parser.add_argument("--dialogsum-dir", default=None, help="local DialogSum folder for the live ROUGE tab")
     args = parser.parse_args()
     if args.profile:
         os.environ["PHISUM_PROFILE"] = args.profile
+    if args.dialogsum_dir:
+        os.environ["PHISUM_DIALOGSUM_DIR"] = args.dialogsum_dir
 
 demo = build_demo()
 

@@ -14,7 +14,8 @@ THEME = gr.themes.Soft()
 CSS = "#base-summary textarea, #tuned-summary textarea {font-size: 1rem}"
 
 
-def build_demo(engine=None) -> gr.Blocks:
+def build_demo(engine=None, dialogsum_dir: str | None = None) -> gr.Blocks:
+    """The three-tab app on one engine (loaded from PHISUM_PROFILE when not given)."""
     if engine is None:
         from phisum.engine import Engine
 
@@ -24,7 +25,7 @@ def build_demo(engine=None) -> gr.Blocks:
         with gr.Tabs():
             create_summarize_tab(engine)
             create_chat_tab(engine)
-            create_rouge_tab(engine)
+            create_rouge_tab(engine, dialogsum_dir)
     # The model serves one event at a time (peft adapter state is shared);
     # a bounded queue refuses the overflow with a clear "queue is full" message.
     demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=1)
