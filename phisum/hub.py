@@ -1,0 +1,441 @@
+"""Publish a trained adapter to the Hugging Face Hub with a model card.
+
+  python -m phisum push --adapter outputs/dialogsum/adapter --repo-id USER/NAME
+                        [--private] [--revision BRANCH] [--report DIR] [--dataset HUB_ID]
+                        [--license ID] [--message TEXT] [--dry-run OUT_DIR]
+
+The upload is an explicitly built folder: the adapter (adapter_config.json,
+adapter_model.safetensors), tokenizer files, the recipe YAML, the training summary,
+plots, the evaluation report (a reports/ or eval/ subfolder, or --report DIR) and a
+generated README.md card. Checkpoints, optimizer states, pickles, .env files and
+anything named like a token never leave the machine. --dry-run writes that exact
+folder to OUT_DIR and lists it instead of uploading.
+
+Token: HF_TOKEN, or the one saved by `hf auth login`. Exit codes: 0 ok, 1 Hub or
+network failure, 2 bad input, missing or rejected token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from fnmatch import fnmatch
+from pathlib import Path, PurePosixPath
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json")
+SUMMARY_FILES = ("training_summary.json", "TRAINING.md", "train_results.json", "eval_results.json",
+                 "all_results.json")
+REPORT_DIRS = ("reports", "report", "eval", "evaluation")
+REPORT_SUFFIXES = (".md", ".json", ".jsonl", ".png", ".csv")
+MAX_REPORT_FILE = 20 * 2**20  # predictions files beyond this are left out, not the whole report
+# Defence in depth behind the allow-list: these are refused wherever they sit.
+FORBIDDEN = {
+    "checkpoint-*": "trainer checkpoint", "training_args*": "pickled training arguments", "*.bin": "pickled weights", "*.pt": "pickle", "*.pth": "pickle",
+    "*.pkl": "pickle", "*.pickle": "pickle", "*.ckpt": "pickle", "optimizer*": "optimizer state",
+    "scheduler*": "scheduler state", "rng_state*": "RNG state",
+    ".env*": "environment file", "*.env": "environment file", "*token*": "may hold a token",
+    "*secret*": "may hold a secret", "*.key": "key file", "*.pem": "key file", "__pycache__": "bytecode",
+    "*.pyc": "bytecode", ".git": "git metadata",
+}
+REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+# Access tokens are hf_ + 34 letters/digits; anything shaped like one blocks the upload.
+TOKEN_SHAPE = re.compile(rb"hf_[A-Za-z0-9]{30,}")
+SECRET_KEY_LINE = re.compile(r"^(\s*[\w.-]*(?:token|secret|password)[\w.-]*\s*:\s*)(?!null\b|~|''|\"\"|$)(\S.*)$",
+                             re.IGNORECASE | re.MULTILINE)
+
+NO_TOKEN = ("no Hugging Face token found: set HF_TOKEN to a token with write access "
+            "(https://huggingface.co/settings/tokens) or run `hf auth login`")
+REJECTED = ("the Hub rejected the token (HTTP {status}): it is invalid, expired or lacks write access{where}. "
+            "Create a write token at https://huggingface.co/settings/tokens and set HF_TOKEN or run `hf auth login`")
+
+
+class PublishError(Exception):
+    """A clean, token-free message for the user and the exit code the CLI returns."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclass
+class Staged:
+    folder: Path
+    files: list[tuple[str, int]] = field(default_factory=list)  # (path in repo, bytes)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (source path, why)
+
+    def listing(self) -> str:
+        total = sum(size for _, size in self.files)
+        lines = [f"{size:>12,}  {path}" for path, size in self.files]
+        lines.append(f"{total:>12,}  total, {len(self.files)} files")
+        lines += [f"   left out:  {path} ({why})" for path, why in self.skipped]
+        return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ tokens and errors
+
+def resolve_token(token: str | None = None) -> str:
+    """Explicit token, else HF_TOKEN, else the saved login."""
+    from huggingface_hub import get_token
+
+    token = token or os.environ.get("HF_TOKEN") or get_token()
+    if not token:
+        raise PublishError(NO_TOKEN, exit_code=2)
+    return token
+
+
+def scrub(text: str, token: str | None = None) -> str:
+    if token:
+        text = text.replace(token, "***")
+    return TOKEN_SHAPE.sub(b"hf_***", text.encode()).decode()
+
+
+def explain_hub_error(exc: BaseException, action: str, token: str | None, where: str = "") -> PublishError:
+    """Turn a huggingface_hub/httpx failure into one line; never the raw error (it can carry headers)."""
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+    if isinstance(exc, PublishError):
+        return exc
+    if isinstance(exc, OfflineModeIsEnabled):
+        return PublishError(f"{action}: HF_HUB_OFFLINE is set; unset it to publish", exit_code=2)
+    if isinstance(exc, HfHubHTTPError) and exc.response is not None:
+        status = exc.response.status_code
+        if status in (401, 403):
+            return PublishError(REJECTED.format(status=status, where=where), exit_code=2)
+        detail = scrub(str(exc.server_message or "").splitlines()[0] if exc.server_message else "", token)
+        return PublishError(f"{action} failed: HTTP {status}{': ' + detail[:300] if detail else ''}")
+    first_line = scrub((str(exc).splitlines() or [""])[0], token)[:300]
+    return PublishError(f"{action} failed: {type(exc).__name__}{': ' + first_line if first_line else ''}")
+
+
+def check_repo_id(repo_id: str) -> None:
+    if not REPO_ID.match(repo_id or ""):
+        raise PublishError(f"--repo-id must look like USER/NAME, got {repo_id!r}", exit_code=2)
+
+
+# ------------------------------------------------------------------ staging
+
+def forbidden_reason(rel: PurePosixPath) -> str | None:
+    for part in rel.parts:
+        if part in TOKENIZER_FILES:
+            continue  # tokenizer files contain "token" in their names, not tokens
+        for pattern, why in FORBIDDEN.items():
+            if fnmatch(part.lower(), pattern):
+                return why
+    return None
+
+
+def walk(folder: Path):
+    """Relative posix paths of every file under folder, without descending into forbidden folders."""
+    for dirpath, dirnames, filenames in os.walk(folder):
+        base = PurePosixPath(Path(dirpath).relative_to(folder).as_posix())
+        pruned = [d for d in dirnames if forbidden_reason(base / d)]
+        dirnames[:] = sorted(d for d in dirnames if d not in pruned)
+        yield from (base / d for d in pruned)  # reported as skipped, never entered
+        yield from (base / name for name in sorted(filenames))
+
+
+def classify_adapter_file(rel: PurePosixPath) -> str | None:
+    """Where an adapter-folder file goes in the repo, or None if it is not on the allow-list."""
+    name, top = rel.name, len(rel.parts) == 1
+    if top and (name in ADAPTER_FILES or name in TOKENIZER_FILES or name in SUMMARY_FILES
+                or rel.suffix in (".yaml", ".yml", ".png")):
+        return rel.as_posix()
+    if len(rel.parts) > 1 and rel.parts[0] in REPORT_DIRS and rel.suffix in REPORT_SUFFIXES:
+        return rel.as_posix()
+    return None
+
+
+def copy_file(src: Path, dest: Path) -> None:
+    """Copy; YAML keys that hold tokens or secrets are blanked on the way."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if src.suffix in (".yaml", ".yml"):
+        text = src.read_text(encoding="utf-8")
+        dest.write_text(SECRET_KEY_LINE.sub(r"\1null  # removed by phisum push", text), encoding="utf-8")
+    else:
+        shutil.copyfile(src, dest)
+
+
+def prepare_out_dir(out_dir: Path) -> Path:
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise PublishError(f"{out_dir} is not empty; give --dry-run a new or empty folder", exit_code=2)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return out_dir
+
+
+def check_staged_for_tokens(staged: Staged, token: str | None) -> None:
+    needle = token.encode() if token else None
+    for path, _ in staged.files:
+        data = (staged.folder / path).read_bytes()
+        if (needle and needle in data) or TOKEN_SHAPE.search(data):
+            raise PublishError(f"{path} contains something shaped like a Hugging Face token; "
+                               "remove it before publishing", exit_code=2)
+
+
+def finish_listing(staged: Staged) -> Staged:
+    staged.files = sorted((p.relative_to(staged.folder).as_posix(), p.stat().st_size)
+                          for p in staged.folder.rglob("*") if p.is_file())
+    return staged
+
+
+def stage_adapter(adapter_dir: str | Path, out_dir: str | Path, repo_id: str, report_dir: str | Path | None = None,
+                  dataset: str | None = None, license: str | None = None, token: str | None = None) -> Staged:
+    """Build the upload folder from the allow-list and write the model card into it."""
+    adapter_dir = Path(adapter_dir).expanduser()
+    if not adapter_dir.is_dir():
+        raise PublishError(f"--adapter {adapter_dir} is not a folder", exit_code=2)
+    missing = [f for f in ADAPTER_FILES if not (adapter_dir / f).is_file()]
+    if missing:
+        pickled = sorted(p.name for p in adapter_dir.glob("*.bin"))
+        hint = f"; {', '.join(pickled)} is pickled and never uploaded: re-save with safetensors" if pickled else ""
+        raise PublishError(f"{adapter_dir} has no {' or '.join(missing)}; is it a peft adapter folder?{hint}",
+                           exit_code=2)
+    try:
+        json.loads((adapter_dir / "adapter_config.json").read_text())
+    except json.JSONDecodeError as exc:
+        raise PublishError(f"{adapter_dir}/adapter_config.json is not valid JSON ({exc.msg})", exit_code=2) from None
+
+    staged = Staged(Path(out_dir))
+    sources = [(adapter_dir, None)]
+    if report_dir is not None:
+        report_dir = Path(report_dir).expanduser()
+        if not report_dir.is_dir():
+            raise PublishError(f"--report {report_dir} is not a folder", exit_code=2)
+        sources.append((report_dir, "reports"))
+    for root, prefix in sources:
+        for rel in walk(root):
+            shown = ((root / rel).as_posix() if prefix else rel.as_posix()) + "/" * (root / rel).is_dir()
+            why = forbidden_reason(rel)
+            dest = None
+            if not why:
+                if prefix:
+                    dest = f"{prefix}/{rel.as_posix()}" if rel.suffix in REPORT_SUFFIXES else None
+                else:
+                    dest = classify_adapter_file(rel)
+                why = None if dest else ("replaced by the generated card" if rel.as_posix() == "README.md"
+                                         else "not on the allow-list")
+            if dest and (root / rel).stat().st_size > MAX_REPORT_FILE and dest.startswith(REPORT_DIRS):
+                dest, why = None, f"over {MAX_REPORT_FILE // 2**20} MB"
+            if dest:
+                copy_file(root / rel, staged.folder / dest)
+            else:
+                staged.skipped.append((shown, why))
+    card = build_model_card(staged.folder, repo_id, dataset=dataset, license=license)
+    (staged.folder / "README.md").write_text(str(card), encoding="utf-8")
+    finish_listing(staged)
+    check_staged_for_tokens(staged, token)
+    return staged
+
+
+# ------------------------------------------------------------------ model card
+
+DATASETS = {"dialogsum": "knkarthick/dialogsum", "oasst": "OpenAssistant/oasst1", "xsum": "EdinburghNLP/xsum"}
+LICENSES = {"microsoft/phi-2": "mit", "google/gemma-3-270m": "gemma", "phisum/tiny-phi": "apache-2.0"}
+TASK_TAGS = {"dialogsum": ["summarization", "dialogue-summarization"], "oasst": ["conversational", "chat"],
+             "xsum": ["summarization", "news"]}
+TASK_TEXT = {"dialogsum": "summarising dialogues (DialogSum)", "oasst": "chat (OpenAssistant conversations)",
+             "xsum": "one-sentence news summaries (XSum)"}
+
+
+def read_recipe(folder: Path) -> tuple[Path | None, dict]:
+    """recipe.yaml, else the first YAML beside the adapter; ({} if none or unreadable)."""
+    import yaml
+
+    candidates = sorted(folder.glob("*.yaml")) + sorted(folder.glob("*.yml"))
+    candidates.sort(key=lambda p: p.stem != "recipe")
+    for path in candidates:
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError:
+            continue
+        if isinstance(data, dict):
+            return path, data
+    return None, {}
+
+
+def read_summary(folder: Path) -> dict:
+    for name in ("training_summary.json", "train_results.json", "all_results.json"):
+        try:
+            data = json.loads((folder / name).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            continue
+        if isinstance(data, dict):
+            return data
+    return {}
+
+
+def card_datasets(recipe: dict, summary: dict, dataset: str | None) -> list[str]:
+    if dataset:
+        return [dataset]
+    source = recipe.get("dataset_source") or summary.get("dataset_source")
+    if isinstance(source, str) and REPO_ID.match(source) and not Path(source).exists():
+        return [source]
+    task = recipe.get("task") or summary.get("task")
+    return [DATASETS[task]] if task in DATASETS else []
+
+
+def rebase_links(markdown: str, prefix: str) -> str:
+    """Relative links in an embedded report point into its folder; demote its headings one level."""
+    out, fenced = [], False
+    for line in markdown.splitlines():
+        fenced ^= line.lstrip().startswith("```")
+        if not fenced:
+            line = re.sub(r"\]\((?!https?:|/|#)([^)\s]+)\)", lambda m: f"]({prefix}/{m.group(1)})", line)
+            line = "##" + line if line.startswith("#") else line
+        out.append(line)
+    return "\n".join(out)
+
+
+def scalar_rows(data: dict, limit: int = 25) -> list[str]:
+    rows = [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |"
+            for k, v in data.items() if isinstance(v, (str, int, float, bool)) and len(str(v)) < 120]
+    return ["| key | value |", "|---|---|", *rows[:limit]] if rows else []
+
+
+def build_model_card(folder: Path, repo_id: str, dataset: str | None = None, license: str | None = None):
+    """ModelCard for the staged folder: metadata from adapter_config, recipe and summary; body from the files."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    config = json.loads((folder / "adapter_config.json").read_text())
+    base = config.get("base_model_name_or_path")
+    if not base or base.startswith(("/", ".", "~")) or not REPO_ID.match(base):
+        raise PublishError(f"adapter_config.json records base model {base!r}, not a Hub id; set "
+                           "base_model_name_or_path to the base's repo id (e.g. microsoft/phi-2)", exit_code=2)
+    recipe_path, recipe = read_recipe(folder)
+    summary = read_summary(folder)
+    task = recipe.get("task") or summary.get("task")
+    tags = ["phisum", "peft", "lora", *TASK_TAGS.get(task, [])]
+    if recipe.get("load_in_4bit") or recipe.get("load_in_8bit"):
+        tags.append("qlora")
+    data = ModelCardData(base_model=base, library_name="peft", datasets=card_datasets(recipe, summary, dataset) or None,
+                         license=license or LICENSES.get(base, "other"), tags=tags, pipeline_tag="text-generation")
+    name = repo_id.split("/")[1]
+    weights = folder / "adapter_model.safetensors"
+    targets = config.get("target_modules") or []
+    lines = [f"# {name}", "",
+             f"A LoRA adapter for [`{base}`](https://huggingface.co/{base}) trained with PhiSUM"
+             + (f" for {TASK_TEXT[task]}." if task in TASK_TEXT else "."), "",
+             "## Use it", "", "```python", "from peft import PeftModel",
+             "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+             f'base = AutoModelForCausalLM.from_pretrained("{base}")',
+             f'tokenizer = AutoTokenizer.from_pretrained("{base}")',
+             f'model = PeftModel.from_pretrained(base, "{repo_id}")', "```", "",
+             f"In the PhiSUM app or CLI: `PHISUM_ADAPTER_{(task or 'dialogsum').upper()}={repo_id}` "
+             f"(append `@<revision>` to pin one).", "",
+             "## Adapter", "", "| | |", "|---|---|",
+             f"| rank r | {config.get('r')} |", f"| lora_alpha | {config.get('lora_alpha')} |",
+             f"| lora_dropout | {config.get('lora_dropout')} |",
+             f"| target modules | {', '.join(sorted(targets)) if isinstance(targets, list) else targets} |",
+             f"| adapter_model.safetensors | {weights.stat().st_size / 2**20:.2f} MB |", ""]
+    if recipe_path:
+        lines += ["## Training recipe", "", f"`{recipe_path.name}`:", "", "```yaml",
+                  recipe_path.read_text(encoding="utf-8").rstrip(), "```", ""]
+    training_md = folder / "TRAINING.md"
+    if summary or training_md.exists() or list(folder.glob("*.png")):
+        lines += ["## Training summary", ""]
+        lines += [rebase_links(training_md.read_text(encoding="utf-8"), "."), ""] if training_md.exists() else []
+        lines += [*scalar_rows(summary), ""] if summary and not training_md.exists() else []
+        lines += [f"![{p.stem}]({p.name})" for p in sorted(folder.glob("*.png"))] + [""]
+    for sub in REPORT_DIRS:
+        report = folder / sub
+        if not report.is_dir():
+            continue
+        lines += ["## Evaluation", ""]
+        md = sorted(report.rglob("report.md")) or sorted(report.rglob("*.md"))
+        for path in md:
+            lines += [rebase_links(path.read_text(encoding="utf-8"), path.parent.relative_to(folder).as_posix()), ""]
+        shown = {m for p in md for m in re.findall(r"\]\(([^)\s]+\.png)\)", p.read_text(encoding="utf-8"))}
+        lines += [f"![{p.stem}]({p.relative_to(folder).as_posix()})" for p in sorted(report.rglob("*.png"))
+                  if p.name not in shown] + [""]
+        lines += [f"Files: {', '.join(f'`{p.relative_to(folder).as_posix()}`' for p in sorted(report.rglob('*')) if p.is_file())}", ""]
+    lines += ["## Limitations", "",
+              "A small adapter on a small base model: outputs can be wrong, incomplete or invented. "
+              "Check summaries against the source before relying on them.", ""]
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
+
+
+# ------------------------------------------------------------------ upload
+
+def push_adapter(adapter_dir: str | Path, repo_id: str, private: bool = False, token: str | None = None,
+                 dry_run_dir: str | Path | None = None, report_dir: str | Path | None = None,
+                 commit_message: str | None = None, revision: str | None = None, dataset: str | None = None,
+                 license: str | None = None, endpoint: str | None = None) -> str | Path:
+    """Stage and upload an adapter; returns the commit URL, or the folder for a dry run.
+
+    Raises PublishError with a message that never contains the token.
+    """
+    check_repo_id(repo_id)
+    if dry_run_dir is not None:
+        staged = stage_adapter(adapter_dir, prepare_out_dir(Path(dry_run_dir)), repo_id, report_dir, dataset,
+                               license, token)
+        print(staged.listing())
+        return staged.folder
+    token = resolve_token(token)
+    with tempfile.TemporaryDirectory(prefix="phisum-push-") as tmp:
+        staged = stage_adapter(adapter_dir, Path(tmp), repo_id, report_dir, dataset, license, token)
+        print(staged.listing(), file=sys.stderr)
+        return upload_staged(staged.folder, repo_id, token, private=private, revision=revision,
+                             commit_message=commit_message or f"Upload LoRA adapter from {Path(adapter_dir).name}",
+                             endpoint=endpoint)
+
+
+def upload_staged(folder: Path, repo_id: str, token: str, private: bool = False, revision: str | None = None,
+                  commit_message: str = "Upload with phisum", repo_type: str | None = None,
+                  endpoint: str | None = None, space_sdk: str | None = None, before_upload=None) -> str:
+    """create_repo(exist_ok) [+ branch] + upload_folder. `before_upload(api)` runs between the two."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(endpoint=endpoint, token=token)
+    step = f"creating {repo_type or 'model'} repo {repo_id}"
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type=repo_type, space_sdk=space_sdk)
+        if revision and revision != "main":
+            step = f"creating branch {revision!r} in {repo_id}"
+            api.create_branch(repo_id, branch=revision, repo_type=repo_type, exist_ok=True)
+        if before_upload is not None:
+            step = f"configuring {repo_id}"
+            before_upload(api)
+        step = f"uploading to {repo_id}"
+        print(f"[phisum] {step}{'@' + revision if revision else ''} ...", file=sys.stderr)
+        info = api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message,
+                                 revision=revision, repo_type=repo_type)
+    except Exception as exc:
+        raise explain_hub_error(exc, step, token, where=f" to {repo_id.split('/')[0]}") from None
+    return str(getattr(info, "commit_url", None) or info)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m phisum push", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--adapter", required=True, help="adapter folder written by training")
+    parser.add_argument("--repo-id", required=True, help="USER/NAME on the Hub")
+    parser.add_argument("--private", action="store_true", help="create the repo private")
+    parser.add_argument("--revision", "--branch", dest="revision", default=None,
+                        help="branch to push to (created from main if missing)")
+    parser.add_argument("--report", default=None, help="evaluation folder (report.md, metrics.json, rouge.png)")
+    parser.add_argument("--dataset", default=None, help="Hub dataset id for the card (default: from the recipe)")
+    parser.add_argument("--license", default=None, help="license id for the card (default: the base model's)")
+    parser.add_argument("--message", default=None, help="commit message")
+    parser.add_argument("--dry-run", metavar="OUT_DIR", default=None,
+                        help="write the folder that would be uploaded to OUT_DIR and list it; upload nothing")
+    args = parser.parse_args(argv)
+    try:
+        result = push_adapter(args.adapter, args.repo_id, private=args.private, dry_run_dir=args.dry_run,
+                              report_dir=args.report, commit_message=args.message, revision=args.revision,
+                              dataset=args.dataset, license=args.license)
+    except PublishError as exc:
+        print(f"error: {scrub(str(exc), os.environ.get('HF_TOKEN'))}", file=sys.stderr)
+        return exc.exit_code
+    if args.dry_run:
+        print(f"dry run: nothing uploaded; the folder above is {result}", file=sys.stderr)
+    else:
+        print(f"pushed: {result}")
+    return 0
