@@ -22,7 +22,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent)]  # _util and phisum, from any working directory
 from _util import Timer, load_dialogues, load_line, median, print_table, verdict  # noqa: E402
 
 GOAL_DECODE = 30.0  # batch-1 bf16 tokens/s

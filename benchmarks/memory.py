@@ -1,0 +1,111 @@
+"""Memory: the base plus two LoRA adapters against the base alone (resident set size).
+
+Usage:
+  python benchmarks/memory.py                     # embedded model, ~1 min
+  python benchmarks/memory.py --iterations 3
+  python benchmarks/memory.py --profile tiny --quick
+
+Each variant runs in a fresh python: Engine.load, then one engine.generate of
+three rows (all "base" for the base variant; base, dialogsum and oasst in one
+mixed batch for the adapter variant), then RSS is read from /proc/self/status.
+The variants run interleaved. Adapters: the profile's own (assets/adapters/
+<profile>/{dialogsum,oasst}) when both exist, else two stand-in LoRA adapters
+(r=16 on the profile's target modules, random B) made with peft in a temporary
+folder, which the output says. Goal: base + 2 adapters <= 1.1x the base alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent)]  # _util and phisum, from any working directory
+from _util import RESULT_TAG, load_line, median, print_table, run_child, verdict  # noqa: E402
+
+GOAL = 1.1
+CHILD = """
+import json, resource
+from phisum.engine import Engine
+from phisum.generation import GenerationSettings
+from phisum.prompts import dialogsum_prompt
+engine = Engine.load({profile!r}, adapters={adapters!r}, progress=False)
+assert not engine.missing, engine.missing
+prompt = dialogsum_prompt("#Person1#: Is the report ready?\\n#Person2#: Yes, I sent it this morning.")
+engine.generate([prompt] * {rows}, {systems!r}, GenerationSettings(max_new_tokens=16))
+rss = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS:")) / 1024
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print({tag!r} + json.dumps({{"rss": rss, "peak": peak}}))
+"""
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", default="embedded", help="embedded (default), phi2 or tiny")
+    parser.add_argument("--iterations", type=int, default=2, help="fresh subprocesses per variant")
+    parser.add_argument("--quick", action="store_true", help="1 iteration: a smoke run")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.iterations = 1
+
+    from tqdm.auto import tqdm
+
+    from phisum.profiles import resolve_profile
+
+    profile, _ = resolve_profile(args.profile)
+    print(f"profile {profile.name}; {load_line()}")
+    with tempfile.TemporaryDirectory(prefix="phisum-mem-") as tmp:
+        adapters = {n: p for n, p in profile.default_adapters.items()
+                    if (Path(p) / "adapter_model.safetensors").exists()}
+        if set(adapters) != {"dialogsum", "oasst"}:
+            adapters = make_standin_adapters(profile, Path(tmp))
+            print(f"adapters: the profile's adapters are not there; using two stand-in LoRA adapters "
+                  f"(r=16 on {', '.join(profile.lora_target_modules)}) made with peft in {tmp}")
+        else:
+            print(f"adapters: {adapters}")
+        names = list(adapters)
+        variants = {
+            "base only": CHILD.format(profile=profile.name, adapters={}, rows=3, systems="base", tag=RESULT_TAG),
+            "base + 2 adapters": CHILD.format(profile=profile.name, adapters=adapters, rows=3,
+                                              systems=["base", *names], tag=RESULT_TAG),
+        }
+        results: dict[str, list[dict]] = {k: [] for k in variants}
+        for _ in tqdm(range(args.iterations), desc="rounds (fresh subprocesses)"):
+            for label, code in variants.items():
+                results[label].append(run_child(code, {"HF_HUB_OFFLINE": "1"}))
+
+    rss = {k: median([r["rss"] for r in v]) for k, v in results.items()}
+    peak = {k: median([r["peak"] for r in v]) for k, v in results.items()}
+    print_table("Resident memory after load + one generate (MB, median of fresh processes)",
+                ["variant", "RSS MB", "peak RSS MB"], [[k, rss[k], peak[k]] for k in variants])
+    ratio = rss["base + 2 adapters"] / rss["base only"]
+    print(f"\nbase + 2 adapters / base only = {ratio:.3f}x RSS, {peak['base + 2 adapters'] / peak['base only']:.3f}x "
+          f"peak (goal <= {GOAL}x: {verdict(ratio <= GOAL)})")
+    print(f"after: {load_line()}")
+    return 0
+
+
+def make_standin_adapters(profile, folder: Path) -> dict[str, str]:
+    """Two real peft LoRA adapters on the profile's base; random B so they change outputs."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from phisum.models import load_base
+
+    base, _ = load_base(profile, dtype=torch.float32, progress=False)
+    paths = {}
+    for seed, name in enumerate(("dialogsum", "oasst")):
+        torch.manual_seed(seed)
+        config = LoraConfig(r=16, lora_alpha=32, target_modules=list(profile.lora_target_modules),
+                            init_lora_weights=False, task_type="CAUSAL_LM")
+        model = get_peft_model(base, config)
+        model.save_pretrained(folder / name)
+        base = model.unload()  # back to the plain base for the next adapter
+        paths[name] = str(folder / name)
+    return paths
+
+
+if __name__ == "__main__":
+    sys.exit(main())

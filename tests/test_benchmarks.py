@@ -1,0 +1,59 @@
+"""Smoke tests: every benchmark runs end to end on the tiny profile and prints its table."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPTS = ["generation.py", "cold_start.py", "memory.py"]
+
+
+def run_benchmark(script: str, *args: str, timeout: float = 300) -> str:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_is_instant_and_documents_usage(script):
+    out = run_benchmark(script, "--help", timeout=20)
+    assert "Usage:" in out and "--profile" in out and "--iterations" in out
+    # heavy imports live inside main(): --help must not pull in torch
+    probe = (f"import sys, runpy; sys.argv = ['x', '--help']\n"
+             f"try: runpy.run_path({str(ROOT / 'benchmarks' / script)!r}, run_name='__main__')\n"
+             f"except SystemExit: pass\nassert 'torch' not in sys.modules, 'torch imported for --help'")
+    subprocess.run([sys.executable, "-c", probe], cwd=ROOT, check=True, capture_output=True, timeout=20)
+
+
+def test_generation_quick_on_tiny_reports_identical_fast_path():
+    out = run_benchmark("generation.py", "--profile", "tiny", "--quick")
+    assert "load average" in out
+    row = next(line for line in out.splitlines() if "fast CPU path vs plain bf16" in line)
+    assert "tokens identical: True" in row  # the packed path must not change a single token
+    ratio = float(row.split()[8])
+    assert ratio > 0
+    for batch in ("1", "4", "8"):
+        assert re.search(rf"^\s+{batch}\s+\d", out, re.M), f"batch {batch} row missing"
+    assert "first visible text (engine.stream)" in out
+
+
+@pytest.mark.slow
+def test_cold_start_quick_on_tiny_times_a_fresh_process():
+    out = run_benchmark("cold_start.py", "--profile", "tiny", "--quick")
+    row = next(line for line in out.splitlines() if line.strip().startswith("cached Engine.load"))
+    assert 0 < float(row.split()[2]) < 300
+    assert "has no GGUF" in out
+
+
+@pytest.mark.slow
+def test_memory_quick_on_tiny_compares_base_with_two_adapters():
+    out = run_benchmark("memory.py", "--profile", "tiny", "--quick")
+    assert "stand-in LoRA adapters" in out  # the tiny profile ships no adapters
+    ratio = re.search(r"base \+ 2 adapters / base only = ([\d.]+)x RSS", out)
+    assert ratio and 0.5 < float(ratio.group(1)) < 3
