@@ -38,9 +38,9 @@ REPORT_SUFFIXES = (".md", ".json", ".jsonl", ".png", ".csv")
 MAX_REPORT_FILE = 20 * 2**20  # predictions files beyond this are left out, not the whole report
 # Defence in depth behind the allow-list: these are refused wherever they sit.
 FORBIDDEN = {
-    "checkpoint-*": "trainer checkpoint", "training_args*": "pickled training arguments", "*.bin": "pickled weights", "*.pt": "pickle", "*.pth": "pickle",
-    "*.pkl": "pickle", "*.pickle": "pickle", "*.ckpt": "pickle", "optimizer*": "optimizer state",
-    "scheduler*": "scheduler state", "rng_state*": "RNG state",
+    "checkpoint-*": "trainer checkpoint", "training_args*": "pickled training arguments",
+    "*.bin": "pickled weights", "*.pt": "pickle", "*.pth": "pickle", "*.pkl": "pickle", "*.pickle": "pickle",
+    "*.ckpt": "pickle", "optimizer*": "optimizer state", "scheduler*": "scheduler state", "rng_state*": "RNG state",
     ".env*": "environment file", "*.env": "environment file", "*token*": "may hold a token",
     "*secret*": "may hold a secret", "*.key": "key file", "*.pem": "key file", "__pycache__": "bytecode",
     "*.pyc": "bytecode", ".git": "git metadata",
@@ -194,9 +194,10 @@ def stage_adapter(adapter_dir: str | Path, out_dir: str | Path, repo_id: str, re
         raise PublishError(f"--adapter {adapter_dir} is not a folder", exit_code=2)
     missing = [f for f in ADAPTER_FILES if not (adapter_dir / f).is_file()]
     if missing:
-        pickled = sorted(p.name for p in adapter_dir.glob("*.bin"))
-        hint = f"; {', '.join(pickled)} is pickled and never uploaded: re-save with safetensors" if pickled else ""
-        raise PublishError(f"{adapter_dir} has no {' or '.join(missing)}; is it a peft adapter folder?{hint}",
+        pickled = sorted(p.name for p in adapter_dir.glob("adapter_model*") if p.suffix in (".bin", ".pt", ".pth"))
+        hint = (f" (found {', '.join(pickled)}: pickled weights are never uploaded; re-save with "
+                "save_pretrained(safe_serialization=True))") if pickled else ""
+        raise PublishError(f"{adapter_dir} has no {' or '.join(missing)}{hint}; is it a peft adapter folder?",
                            exit_code=2)
     try:
         json.loads((adapter_dir / "adapter_config.json").read_text())
@@ -300,6 +301,19 @@ def scalar_rows(data: dict, limit: int = 25) -> list[str]:
     return ["| key | value |", "|---|---|", *rows[:limit]] if rows else []
 
 
+def evaluation_section(folder: Path, report: Path) -> list[str]:
+    """The report's markdown (links pointed into its folder), plots it does not show, and its file list."""
+    lines = ["## Evaluation", ""]
+    md = sorted(report.rglob("report.md")) or sorted(report.rglob("*.md"))
+    for path in md:
+        lines += [rebase_links(path.read_text(encoding="utf-8"), path.parent.relative_to(folder).as_posix()), ""]
+    shown = {m for p in md for m in re.findall(r"\]\(([^)\s]+\.png)\)", p.read_text(encoding="utf-8"))}
+    lines += [f"![{p.stem}]({p.relative_to(folder).as_posix()})" for p in sorted(report.rglob("*.png"))
+              if p.name not in shown] + [""]
+    files = [f"`{p.relative_to(folder).as_posix()}`" for p in sorted(report.rglob("*")) if p.is_file()]
+    return lines + [f"Files: {', '.join(files)}", ""]
+
+
 def build_model_card(folder: Path, repo_id: str, dataset: str | None = None, license: str | None = None):
     """ModelCard for the staged folder: metadata from adapter_config, recipe and summary; body from the files."""
     from huggingface_hub import ModelCard, ModelCardData
@@ -344,18 +358,8 @@ def build_model_card(folder: Path, repo_id: str, dataset: str | None = None, lic
         lines += [rebase_links(training_md.read_text(encoding="utf-8"), "."), ""] if training_md.exists() else []
         lines += [*scalar_rows(summary), ""] if summary and not training_md.exists() else []
         lines += [f"![{p.stem}]({p.name})" for p in sorted(folder.glob("*.png"))] + [""]
-    for sub in REPORT_DIRS:
-        report = folder / sub
-        if not report.is_dir():
-            continue
-        lines += ["## Evaluation", ""]
-        md = sorted(report.rglob("report.md")) or sorted(report.rglob("*.md"))
-        for path in md:
-            lines += [rebase_links(path.read_text(encoding="utf-8"), path.parent.relative_to(folder).as_posix()), ""]
-        shown = {m for p in md for m in re.findall(r"\]\(([^)\s]+\.png)\)", p.read_text(encoding="utf-8"))}
-        lines += [f"![{p.stem}]({p.relative_to(folder).as_posix()})" for p in sorted(report.rglob("*.png"))
-                  if p.name not in shown] + [""]
-        lines += [f"Files: {', '.join(f'`{p.relative_to(folder).as_posix()}`' for p in sorted(report.rglob('*')) if p.is_file())}", ""]
+    for report in (folder / sub for sub in REPORT_DIRS if (folder / sub).is_dir()):
+        lines += evaluation_section(folder, report)
     lines += ["## Limitations", "",
               "A small adapter on a small base model: outputs can be wrong, incomplete or invented. "
               "Check summaries against the source before relying on them.", ""]

@@ -17,6 +17,7 @@ network failure, 2 bad input, missing or rejected token.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import os
 import re
 import sys
@@ -56,14 +57,13 @@ def check_space_readme(path: Path) -> dict:
         problems.append("title is missing")
     if problems:
         raise PublishError(f"{path} front matter: {'; '.join(problems)}", exit_code=2)
-    try:
-        import gradio
-
-        if meta.get("sdk_version") and str(meta["sdk_version"]) != gradio.__version__:
-            print(f"[phisum] note: README sdk_version {meta['sdk_version']} differs from the installed gradio "
-                  f"{gradio.__version__}", file=sys.stderr)
-    except ImportError:
-        pass
+    try:  # metadata, not `import gradio`: that takes seconds
+        installed = importlib.metadata.version("gradio")
+    except importlib.metadata.PackageNotFoundError:
+        installed = None
+    if installed and meta.get("sdk_version") and str(meta["sdk_version"]) != installed:
+        print(f"[phisum] note: README sdk_version {meta['sdk_version']} differs from the installed gradio "
+              f"{installed}", file=sys.stderr)
     return meta
 
 

@@ -62,7 +62,8 @@ class FakeHub:
     # ------------------------------------------------------------ routes
     def route(self, h: "_Handler", method: str, path: str, body: bytes):
         with self.lock:
-            self.requests.append({"method": method, "path": path, "headers": dict(h.headers), "body": body})
+            headers = {k.lower(): v for k, v in h.headers.items()}
+            self.requests.append({"method": method, "path": path, "headers": headers, "body": body})
         if method == "PUT" and (m := re.fullmatch(r"/_lfs/(?P<oid>[0-9a-f]{64})", path)):
             if hashlib.sha256(body).hexdigest() != m["oid"]:
                 return 400, {"error": "sha256 mismatch"}
