@@ -35,6 +35,7 @@ SUMMARY_FILES = ("training_summary.json", "TRAINING.md", "train_results.json", "
                  "all_results.json")
 REPORT_DIRS = ("reports", "report", "eval", "evaluation")
 REPORT_SUFFIXES = (".md", ".json", ".jsonl", ".png", ".csv")
+TEXT_RECORDS = (".md", ".json", ".jsonl", ".csv")
 MAX_REPORT_FILE = 20 * 2**20  # predictions files beyond this are left out, not the whole report
 # Defence in depth behind the allow-list: these are refused wherever they sit.
 FORBIDDEN = {
@@ -153,14 +154,39 @@ def classify_adapter_file(rel: PurePosixPath) -> str | None:
     return None
 
 
-def copy_file(src: Path, dest: Path) -> None:
-    """Copy; YAML keys that hold tokens or secrets are blanked on the way."""
+def copy_file(src: Path, dest: Path, redact: str | None = None) -> None:
+    """Copy; YAML keys that hold tokens or secrets are blanked on the way. With `redact` (the token,
+    or "" for token-shaped strings only), text records such as training_summary.json's command line
+    lose their tokens instead of blocking the upload."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     if src.suffix in (".yaml", ".yml"):
         text = src.read_text(encoding="utf-8")
-        dest.write_text(SECRET_KEY_LINE.sub(r"\1null  # removed by phisum push", text), encoding="utf-8")
+        text = SECRET_KEY_LINE.sub(r"\1null  # removed by phisum push", text)
+        dest.write_text(scrub(text, redact) if redact is not None else text, encoding="utf-8")
+    elif redact is not None and src.suffix in TEXT_RECORDS:
+        dest.write_text(scrub(src.read_text(encoding="utf-8", errors="replace"), redact), encoding="utf-8")
     else:
         shutil.copyfile(src, dest)
+
+
+def recipe_from_command(summary_file: Path) -> Path | None:
+    """The --config YAML named in training_summary.json's command, when the training wrote no copy."""
+    import shlex
+
+    try:
+        argv = shlex.split(json.loads(summary_file.read_text(encoding="utf-8")).get("command") or "")
+    except (OSError, ValueError, AttributeError):
+        return None
+    for i, arg in enumerate(argv):
+        value = arg.split("=", 1)[1] if arg.startswith("--config=") else (
+            argv[i + 1] if arg == "--config" and i + 1 < len(argv) else None)
+        if value and value.endswith((".yaml", ".yml")):
+            from phisum.profiles import ROOT
+
+            for candidate in (Path(value), ROOT / value):
+                if candidate.is_file():
+                    return candidate
+    return None
 
 
 def prepare_out_dir(out_dir: Path) -> Path:
@@ -226,9 +252,12 @@ def stage_adapter(adapter_dir: str | Path, out_dir: str | Path, repo_id: str, re
             if dest and (root / rel).stat().st_size > MAX_REPORT_FILE and dest.startswith(REPORT_DIRS):
                 dest, why = None, f"over {MAX_REPORT_FILE // 2**20} MB"
             if dest:
-                copy_file(root / rel, staged.folder / dest)
+                copy_file(root / rel, staged.folder / dest, redact=token or "")
             else:
                 staged.skipped.append((shown, why))
+    has_recipe = any(staged.folder.glob("*.y*ml"))
+    if not has_recipe and (recipe := recipe_from_command(adapter_dir / "training_summary.json")):
+        copy_file(recipe, staged.folder / "recipe.yaml", redact=token or "")
     card = build_model_card(staged.folder, repo_id, dataset=dataset, license=license)
     (staged.folder / "README.md").write_text(str(card), encoding="utf-8")
     finish_listing(staged)
@@ -356,6 +385,7 @@ def build_model_card(folder: Path, repo_id: str, dataset: str | None = None, lic
     if summary or training_md.exists() or list(folder.glob("*.png")):
         lines += ["## Training summary", ""]
         lines += [rebase_links(training_md.read_text(encoding="utf-8"), "."), ""] if training_md.exists() else []
+        lines += [f"Command: `{summary['command']}`", ""] if isinstance(summary.get("command"), str) else []
         lines += [*scalar_rows(summary), ""] if summary and not training_md.exists() else []
         lines += [f"![{p.stem}]({p.name})" for p in sorted(folder.glob("*.png"))] + [""]
     for report in (folder / sub for sub in REPORT_DIRS if (folder / sub).is_dir()):

@@ -153,10 +153,24 @@ def test_report_dir_flag_and_dataset_choice(adapter_folder, tmp_path):
     assert card_datasets({}, {"task": "dialogsum"}, None) == ["knkarthick/dialogsum"]
 
 
+def test_recipe_named_in_the_summary_is_published_and_tokens_redacted(adapter_folder, tmp_path):
+    from huggingface_hub import ModelCard
+
+    recipe = next((ROOT / "phisum" / "recipes").rglob("*.yaml"))
+    (adapter_folder / "recipe.yaml").unlink()
+    command = f"python -m phisum train --config {recipe.relative_to(ROOT)} --max_steps 5 --hub_token {TOKEN}"
+    (adapter_folder / "training_summary.json").write_text(json.dumps({"command": command, "steps": 5}))
+    out = push_adapter(adapter_folder, "someone/x", dry_run_dir=tmp_path / "out")
+    assert (out / "recipe.yaml").read_text().splitlines()[:3] == recipe.read_text().splitlines()[:3]
+    card = ModelCard.load(out / "README.md")
+    assert "--max_steps 5 --hub_token hf_***" in card.text and TOKEN not in card.content
+    assert TOKEN not in (out / "training_summary.json").read_text()
+
+
 @pytest.mark.parametrize("breakage, message", [
     ("pickle_only", "found adapter_model.bin: pickled weights are never uploaded"),
     ("local_base", "not a Hub id"),
-    ("token_in_summary", "shaped like a Hugging Face token"),
+    ("token_in_binary", "shaped like a Hugging Face token"),
     ("bad_repo_id", "USER/NAME"),
 ])
 def test_bad_input_gets_a_clear_error(adapter_folder, tmp_path, breakage, message):
@@ -167,8 +181,8 @@ def test_bad_input_gets_a_clear_error(adapter_folder, tmp_path, breakage, messag
         config = json.loads((adapter_folder / "adapter_config.json").read_text())
         config["base_model_name_or_path"] = "/home/me/models/phi-2"
         (adapter_folder / "adapter_config.json").write_text(json.dumps(config))
-    elif breakage == "token_in_summary":
-        (adapter_folder / "training_summary.json").write_text(json.dumps({"hub_token": TOKEN}))
+    elif breakage == "token_in_binary":
+        (adapter_folder / "loss.png").write_bytes(b"\x89PNG" + TOKEN.encode())
     else:
         repo_id = "just-a-name"
     with pytest.raises(PublishError) as err:
