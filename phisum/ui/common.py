@@ -57,13 +57,14 @@ def make_settings(max_new, sample, temperature, top_p, context_length: int) -> G
         return GenerationSettings(max_new_tokens=int(max_new), do_sample=bool(sample),
                                   temperature=float(temperature), top_p=float(top_p)).validate(context_length)
     except (TypeError, ValueError) as exc:
-        raise gr.Error(str(exc)) from None
+        raise gr.Error(str(exc), print_exception=False) from None
 
 
 def user_error(exc: Exception) -> gr.Error:
     """InputError and friends become a visible message; the server keeps serving."""
-    message = str(exc) if isinstance(exc, InputError) else f"{type(exc).__name__}: {exc}"
-    return gr.Error(message)
+    if isinstance(exc, InputError):  # expected: shown to the user, not logged as a server fault
+        return gr.Error(str(exc), print_exception=False)
+    return gr.Error(f"{type(exc).__name__}: {exc}")
 
 
 def word_diff(before: str, after: str) -> list[tuple[str, str | None]]:
