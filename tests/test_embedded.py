@@ -56,3 +56,24 @@ def test_cached_engine_loads_fast_and_summarizes(monkeypatch):
     dialogue = load_samples()[0]["dialogue"]
     out = engine.summarize([dialogue], BASE, GenerationSettings(max_new_tokens=40))[0]
     assert not out.empty and out.new_tokens > 0 and out.prompt_tokens > 50
+
+
+def test_app_on_the_embedded_profile_answers_through_its_api():
+    from gradio_client import Client
+
+    from phisum.engine import Engine
+    from phisum.ui.common import load_samples
+    from tests.app_server import serve
+
+    engine = Engine.load("embedded", progress=False)  # with whatever adapters are committed
+    with serve(engine) as (url, _):
+        client = Client(url, verbose=False)
+        base, base_stats, tuned, _, _, note = client.predict(load_samples()[1]["dialogue"], 48, False, 0.7, 0.9,
+                                                             api_name="/summarize")
+        assert base and "new tokens" in base_stats
+        if "dialogsum" in engine.adapters:
+            assert tuned and tuned != base and "no fine-tuned adapter" not in tuned
+        else:
+            assert "not loaded" in note
+        reply = client.predict("What is the capital of France?", False, 32, False, 0.7, 0.9, api_name="/chat")
+        assert reply.strip()
