@@ -39,18 +39,21 @@ def plot_report(report: Report, path: Path) -> Path:
         err = [[mean - c["low"] for mean, c in zip(means, ci)], [c["high"] - mean for mean, c in zip(means, ci)]]
         xs = [i + (k - (len(report.systems) - 1) / 2) * width for i in range(len(METRICS))]
         bars = ax.bar(xs, means, width, yerr=err, capsize=4, label=system)
-        ax.bar_label(bars, labels=[f"{v:.3f}" for v in means], padding=3, fontsize=7)
+        ax.bar_label(bars, labels=[f"{v:.3f}" for v in means], label_type="center", fontsize=7, color="white")
     ax.set_xticks(range(len(METRICS)), [METRIC_LABELS[m] for m in METRICS])
     ax.set_ylabel("F1 (max over references)")
-    title = f"{report.task}: {len(report.rows)} items"
-    if report.delta:
-        d = report.delta["rougeLsum"]
-        title += f"; {report.systems[1]} - {report.systems[0]} ROUGE-Lsum {d['mean']:+.3f} " \
-                 f"[{d['low']:+.3f}, {d['high']:+.3f}]"
-    ax.set_title(title, fontsize=9)
     top = max((report.intervals[s][m]["high"] for s in report.systems for m in METRICS), default=0.0)
-    ax.set_ylim(0, max(0.05, top * 1.2) if math.isfinite(top) else 1.0)
-    ax.legend(fontsize=8)
+    top = max(0.05, top) if math.isfinite(top) else 1.0
+    ax.set_ylim(0, top * 1.45)
+    title = f"{report.task}: {len(report.rows)} items, 95% bootstrap CI"
+    if report.delta:  # the paired difference and its CI above each group
+        title += f"; delta = {report.systems[1]} - {report.systems[0]}"
+        for i, m in enumerate(METRICS):
+            d = report.delta[m]
+            ax.text(i, top * 1.08, f"delta {d['mean']:+.3f}\n[{d['low']:+.3f}, {d['high']:+.3f}]",
+                    ha="center", fontsize=7)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8, loc="upper center", ncol=len(report.systems), frameon=False)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
