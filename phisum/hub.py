@@ -24,6 +24,7 @@ import re
 import shutil
 import sys
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from fnmatch import fnmatch
 from pathlib import Path, PurePosixPath
@@ -189,12 +190,19 @@ def recipe_from_command(summary_file: Path) -> Path | None:
     return None
 
 
-def prepare_out_dir(out_dir: Path) -> Path:
+@contextmanager
+def dry_run_folder(out_dir: str | Path):
+    """A new or empty folder for a dry run; emptied again if staging fails, so a rerun works."""
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise PublishError(f"{out_dir} is not empty; give --dry-run a new or empty folder", exit_code=2)
     out_dir.mkdir(parents=True, exist_ok=True)
-    return out_dir
+    try:
+        yield out_dir
+    except BaseException:
+        for child in out_dir.iterdir():
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+        raise
 
 
 def check_staged_for_tokens(staged: Staged, token: str | None) -> None:
@@ -386,6 +394,9 @@ def build_model_card(folder: Path, repo_id: str, dataset: str | None = None, lic
         lines += ["## Training summary", ""]
         lines += [rebase_links(training_md.read_text(encoding="utf-8"), "."), ""] if training_md.exists() else []
         lines += [f"Command: `{summary['command']}`", ""] if isinstance(summary.get("command"), str) else []
+        sources = summary.get("data") if isinstance(summary.get("data"), list) else []
+        lines += [f"- data: {d['report']}" for d in sources if isinstance(d, dict) and isinstance(d.get("report"), str)]
+        lines += [""] if sources else []
         lines += [*scalar_rows(summary), ""] if summary and not training_md.exists() else []
         lines += [f"![{p.stem}]({p.name})" for p in sorted(folder.glob("*.png"))] + [""]
     for report in (folder / sub for sub in REPORT_DIRS if (folder / sub).is_dir()):
@@ -408,8 +419,8 @@ def push_adapter(adapter_dir: str | Path, repo_id: str, private: bool = False, t
     """
     check_repo_id(repo_id)
     if dry_run_dir is not None:
-        staged = stage_adapter(adapter_dir, prepare_out_dir(Path(dry_run_dir)), repo_id, report_dir, dataset,
-                               license, token)
+        with dry_run_folder(dry_run_dir) as out:
+            staged = stage_adapter(adapter_dir, out, repo_id, report_dir, dataset, license, token)
         print(staged.listing())
         return staged.folder
     token = resolve_token(token)

@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path, PurePosixPath
 
 from phisum.hub import (PublishError, Staged, check_repo_id, check_staged_for_tokens, copy_file, finish_listing,
-                        forbidden_reason, prepare_out_dir, resolve_token, scrub, upload_staged, walk)
+                        forbidden_reason, dry_run_folder, resolve_token, scrub, upload_staged, walk)
 
 ROOT = Path(__file__).resolve().parent.parent
 SPACE_FILES = ("app.py", "requirements.txt", "README.md")
@@ -123,7 +123,8 @@ def deploy_space(repo_id: str, root: str | Path = ROOT, private: bool = False, t
     check_hardware(hardware)
     variables = dict(variables or {})
     if dry_run_dir is not None:
-        staged = stage_space(root, prepare_out_dir(Path(dry_run_dir)), token)
+        with dry_run_folder(dry_run_dir) as out:
+            staged = stage_space(root, out, token)
         print(staged.listing())
         for key, value in variables.items():
             print(f"would set Space variable {key}={value}")

@@ -189,6 +189,7 @@ def test_bad_input_gets_a_clear_error(adapter_folder, tmp_path, breakage, messag
         push_adapter(adapter_folder, repo_id, dry_run_dir=tmp_path / "out")
     assert message in str(err.value) and err.value.exit_code == 2
     assert TOKEN not in str(err.value)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())  # a rerun can reuse it
 
 
 def test_dry_run_refuses_a_non_empty_folder(adapter_folder, tmp_path):
@@ -240,6 +241,10 @@ def test_pinned_revision_round_trips_through_resolve_adapter(tiny_adapters, tmp_
                                  capture_output=True, text=True, timeout=120)
             assert got.returncode == 0, got.stderr
             weights[spec] = (Path(got.stdout.strip()) / "adapter_model.safetensors").read_bytes()
+        missing = subprocess.run([sys.executable, "-c", script, "someone/pinned@v9"], env=hub_env(tmp_path, hub, None),
+                                 capture_output=True, text=True, timeout=120)
+        assert missing.returncode != 0 and "someone/pinned@v9 from the Hub (the repo has no such revision)" \
+            in missing.stderr
     assert weights["someone/pinned@v1"] == (tiny_adapters["dialogsum"] / "adapter_model.safetensors").read_bytes()
     assert weights["someone/pinned"] == (other / "adapter_model.safetensors").read_bytes()
 
