@@ -11,6 +11,15 @@ from phisum.profiles import Profile
 ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors", "README.md", "*.json", "*.md", "*.png", "*.yaml"]
 
 
+# huggingface_hub exception names -> what the user can do; the exceptions' own text is not shown.
+DOWNLOAD_FAILURES = {
+    "RepositoryNotFoundError": "no such repo, or it is private or gated and HF_TOKEN is missing or lacks access",
+    "RevisionNotFoundError": "the repo has no such revision",
+    "OfflineModeIsEnabled": "HF_HUB_OFFLINE is set and the adapter is not in the local cache",
+    "LocalEntryNotFoundError": "the Hub is unreachable and the adapter is not in the local cache",
+}
+
+
 class AdapterError(Exception):
     """An adapter is missing, unsafe or built for another base model."""
 
@@ -46,9 +55,10 @@ def resolve_adapter(source: AdapterSource, token: str | None = None) -> Path:
     try:
         path = snapshot_download(source.source, revision=source.revision, allow_patterns=ADAPTER_FILES, token=token)
     except Exception as exc:  # offline, private, missing: say which, never echo a token
+        why = DOWNLOAD_FAILURES.get(type(exc).__name__, type(exc).__name__)
         raise AdapterError(f"adapter {source.name!r}: could not download {source.source}"
                            f"{'@' + source.revision if source.revision else ''} from the Hub "
-                           f"({type(exc).__name__})") from None
+                           f"({why})") from None
     return Path(path)
 
 
