@@ -29,12 +29,13 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatch
 from pathlib import Path, PurePosixPath
 
+from phisum.model_card import REPO_ID, REPORT_DIRS, build_model_card
+
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json")
 SUMMARY_FILES = ("training_summary.json", "TRAINING.md", "train_results.json", "eval_results.json",
                  "all_results.json")
-REPORT_DIRS = ("reports", "report", "eval", "evaluation")
 REPORT_SUFFIXES = (".md", ".json", ".jsonl", ".png", ".csv")
 TEXT_RECORDS = (".md", ".json", ".jsonl", ".csv")
 MAX_REPORT_FILE = 20 * 2**20  # predictions files beyond this are left out, not the whole report
@@ -47,7 +48,6 @@ FORBIDDEN = {
     "*secret*": "may hold a secret", "*.key": "key file", "*.pem": "key file", "__pycache__": "bytecode",
     "*.pyc": "bytecode", ".git": "git metadata",
 }
-REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 # Access tokens are hf_ + 34 letters/digits; anything shaped like one blocks the upload.
 TOKEN_SHAPE = re.compile(rb"hf_[A-Za-z0-9]{30,}")
 SECRET_KEY_LINE = re.compile(r"^(\s*[\w.-]*(?:token|secret|password)[\w.-]*\s*:\s*)(?!null\b|~|''|\"\"|$)(\S.*)$",
@@ -266,145 +266,14 @@ def stage_adapter(adapter_dir: str | Path, out_dir: str | Path, repo_id: str, re
     has_recipe = any(staged.folder.glob("*.y*ml"))
     if not has_recipe and (recipe := recipe_from_command(adapter_dir / "training_summary.json")):
         copy_file(recipe, staged.folder / "recipe.yaml", redact=token or "")
-    card = build_model_card(staged.folder, repo_id, dataset=dataset, license=license)
+    try:
+        card = build_model_card(staged.folder, repo_id, dataset=dataset, license=license)
+    except ValueError as exc:
+        raise PublishError(str(exc), exit_code=2) from None
     (staged.folder / "README.md").write_text(str(card), encoding="utf-8")
     finish_listing(staged)
     check_staged_for_tokens(staged, token)
     return staged
-
-
-# ------------------------------------------------------------------ model card
-
-DATASETS = {"dialogsum": "knkarthick/dialogsum", "oasst": "OpenAssistant/oasst1", "xsum": "EdinburghNLP/xsum"}
-LICENSES = {"microsoft/phi-2": "mit", "google/gemma-3-270m": "gemma", "phisum/tiny-phi": "apache-2.0"}
-TASK_TAGS = {"dialogsum": ["summarization", "dialogue-summarization"], "oasst": ["conversational", "chat"],
-             "xsum": ["summarization", "news"]}
-TASK_TEXT = {"dialogsum": "summarising dialogues (DialogSum)", "oasst": "chat (OpenAssistant conversations)",
-             "xsum": "one-sentence news summaries (XSum)"}
-
-
-def read_recipe(folder: Path) -> tuple[Path | None, dict]:
-    """recipe.yaml, else the first YAML beside the adapter; ({} if none or unreadable)."""
-    import yaml
-
-    candidates = sorted(folder.glob("*.yaml")) + sorted(folder.glob("*.yml"))
-    candidates.sort(key=lambda p: p.stem != "recipe")
-    for path in candidates:
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError:
-            continue
-        if isinstance(data, dict):
-            return path, data
-    return None, {}
-
-
-def read_summary(folder: Path) -> dict:
-    for name in ("training_summary.json", "train_results.json", "all_results.json"):
-        try:
-            data = json.loads((folder / name).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
-            continue
-        if isinstance(data, dict):
-            return data
-    return {}
-
-
-def card_datasets(recipe: dict, summary: dict, dataset: str | None) -> list[str]:
-    if dataset:
-        return [dataset]
-    source = recipe.get("dataset_source") or summary.get("dataset_source")
-    if isinstance(source, str) and REPO_ID.match(source) and not Path(source).exists():
-        return [source]
-    task = recipe.get("task") or summary.get("task")
-    return [DATASETS[task]] if task in DATASETS else []
-
-
-def rebase_links(markdown: str, prefix: str) -> str:
-    """Relative links in an embedded report point into its folder; demote its headings one level."""
-    out, fenced = [], False
-    for line in markdown.splitlines():
-        fenced ^= line.lstrip().startswith("```")
-        if not fenced:
-            line = re.sub(r"\]\((?!https?:|/|#)([^)\s]+)\)", lambda m: f"]({prefix}/{m.group(1)})", line)
-            line = "##" + line if line.startswith("#") else line
-        out.append(line)
-    return "\n".join(out)
-
-
-def scalar_rows(data: dict, limit: int = 25) -> list[str]:
-    rows = [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |"
-            for k, v in data.items() if isinstance(v, (str, int, float, bool)) and len(str(v)) < 120]
-    return ["| key | value |", "|---|---|", *rows[:limit]] if rows else []
-
-
-def evaluation_section(folder: Path, report: Path) -> list[str]:
-    """The report's markdown (links pointed into its folder), plots it does not show, and its file list."""
-    lines = ["## Evaluation", ""]
-    md = sorted(report.rglob("report.md")) or sorted(report.rglob("*.md"))
-    for path in md:
-        lines += [rebase_links(path.read_text(encoding="utf-8"), path.parent.relative_to(folder).as_posix()), ""]
-    shown = {m for p in md for m in re.findall(r"\]\(([^)\s]+\.png)\)", p.read_text(encoding="utf-8"))}
-    lines += [f"![{p.stem}]({p.relative_to(folder).as_posix()})" for p in sorted(report.rglob("*.png"))
-              if p.name not in shown] + [""]
-    files = [f"`{p.relative_to(folder).as_posix()}`" for p in sorted(report.rglob("*")) if p.is_file()]
-    return lines + [f"Files: {', '.join(files)}", ""]
-
-
-def build_model_card(folder: Path, repo_id: str, dataset: str | None = None, license: str | None = None):
-    """ModelCard for the staged folder: metadata from adapter_config, recipe and summary; body from the files."""
-    from huggingface_hub import ModelCard, ModelCardData
-
-    config = json.loads((folder / "adapter_config.json").read_text())
-    base = config.get("base_model_name_or_path")
-    if not base or base.startswith(("/", ".", "~")) or not REPO_ID.match(base):
-        raise PublishError(f"adapter_config.json records base model {base!r}, not a Hub id; set "
-                           "base_model_name_or_path to the base's repo id (e.g. microsoft/phi-2)", exit_code=2)
-    recipe_path, recipe = read_recipe(folder)
-    summary = read_summary(folder)
-    task = recipe.get("task") or summary.get("task")
-    tags = ["phisum", "peft", "lora", *TASK_TAGS.get(task, [])]
-    if recipe.get("load_in_4bit") or recipe.get("load_in_8bit"):
-        tags.append("qlora")
-    data = ModelCardData(base_model=base, library_name="peft", datasets=card_datasets(recipe, summary, dataset) or None,
-                         license=license or LICENSES.get(base, "other"), tags=tags, pipeline_tag="text-generation")
-    name = repo_id.split("/")[1]
-    weights = folder / "adapter_model.safetensors"
-    targets = config.get("target_modules") or []
-    lines = [f"# {name}", "",
-             f"A LoRA adapter for [`{base}`](https://huggingface.co/{base}) trained with PhiSUM"
-             + (f" for {TASK_TEXT[task]}." if task in TASK_TEXT else "."), "",
-             "## Use it", "", "```python", "from peft import PeftModel",
-             "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
-             f'base = AutoModelForCausalLM.from_pretrained("{base}")',
-             f'tokenizer = AutoTokenizer.from_pretrained("{base}")',
-             f'model = PeftModel.from_pretrained(base, "{repo_id}")', "```", "",
-             f"In the PhiSUM app or CLI: `PHISUM_ADAPTER_{(task or 'dialogsum').upper()}={repo_id}` "
-             f"(append `@<revision>` to pin one).", "",
-             "## Adapter", "", "| | |", "|---|---|",
-             f"| rank r | {config.get('r')} |", f"| lora_alpha | {config.get('lora_alpha')} |",
-             f"| lora_dropout | {config.get('lora_dropout')} |",
-             f"| target modules | {', '.join(sorted(targets)) if isinstance(targets, list) else targets} |",
-             f"| adapter_model.safetensors | {weights.stat().st_size / 2**20:.2f} MB |", ""]
-    if recipe_path:
-        lines += ["## Training recipe", "", f"`{recipe_path.name}`:", "", "```yaml",
-                  recipe_path.read_text(encoding="utf-8").rstrip(), "```", ""]
-    training_md = folder / "TRAINING.md"
-    if summary or training_md.exists() or list(folder.glob("*.png")):
-        lines += ["## Training summary", ""]
-        lines += [rebase_links(training_md.read_text(encoding="utf-8"), "."), ""] if training_md.exists() else []
-        lines += [f"Command: `{summary['command']}`", ""] if isinstance(summary.get("command"), str) else []
-        sources = summary.get("data") if isinstance(summary.get("data"), list) else []
-        lines += [f"- data: {d['report']}" for d in sources if isinstance(d, dict) and isinstance(d.get("report"), str)]
-        lines += [""] if sources else []
-        lines += [*scalar_rows(summary), ""] if summary and not training_md.exists() else []
-        lines += [f"![{p.stem}]({p.name})" for p in sorted(folder.glob("*.png"))] + [""]
-    for report in (folder / sub for sub in REPORT_DIRS if (folder / sub).is_dir()):
-        lines += evaluation_section(folder, report)
-    lines += ["## Limitations", "",
-              "A small adapter on a small base model: outputs can be wrong, incomplete or invented. "
-              "Check summaries against the source before relying on them.", ""]
-    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
 
 
 # ------------------------------------------------------------------ upload

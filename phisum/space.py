@@ -24,8 +24,20 @@ import sys
 import tempfile
 from pathlib import Path, PurePosixPath
 
-from phisum.hub import (PublishError, Staged, check_repo_id, check_staged_for_tokens, copy_file, finish_listing,
-                        forbidden_reason, dry_run_folder, resolve_token, scrub, upload_staged, walk)
+from phisum.hub import (
+    PublishError,
+    Staged,
+    check_repo_id,
+    check_staged_for_tokens,
+    copy_file,
+    dry_run_folder,
+    finish_listing,
+    forbidden_reason,
+    resolve_token,
+    scrub,
+    upload_staged,
+    walk,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 SPACE_FILES = ("app.py", "requirements.txt", "README.md")

@@ -95,7 +95,7 @@ class FakeHub:
             return self.repo_info(m["repo"], unquote(rest[len("/revision/"):]) or "main")
         if method == "GET" and (t := re.fullmatch(r"/tree/(?P<rev>[^/]+)(?P<sub>/.*)?", rest)):
             return self.tree(repo, unquote(t["rev"]))
-        if method == "POST" and (p := re.fullmatch(r"/preupload/(?P<rev>[^/]+)", rest)):
+        if method == "POST" and re.fullmatch(r"/preupload/[^/]+", rest):
             return self.preupload(data)
         if method == "POST" and (c := re.fullmatch(r"/commit/(?P<rev>[^/]+)", rest)):
             return self.commit(m["repo"], unquote(c["rev"]), body)

@@ -18,9 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.fake_hub import FakeHub
-from phisum.hub import PublishError, card_datasets, push_adapter
+from phisum.hub import PublishError, push_adapter
+from phisum.model_card import card_datasets
 from phisum.space import check_space_readme, deploy_space, space_variables
+from tests.fake_hub import FakeHub
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "hf_" + "T0k3n" * 7
