@@ -83,11 +83,15 @@ class Staged:
 
 # ------------------------------------------------------------------ tokens and errors
 
-def resolve_token(token: str | None = None) -> str:
-    """Explicit token, else HF_TOKEN, else the saved login."""
+def known_token(token: str | None = None) -> str | None:
+    """Explicit token, else HF_TOKEN, else the saved login (dry runs redact it too, so they match a push)."""
     from huggingface_hub import get_token
 
-    token = token or os.environ.get("HF_TOKEN") or get_token()
+    return token or os.environ.get("HF_TOKEN") or get_token()
+
+
+def resolve_token(token: str | None = None) -> str:
+    token = known_token(token)
     if not token:
         raise PublishError(NO_TOKEN, exit_code=2)
     return token
@@ -289,15 +293,16 @@ def push_adapter(adapter_dir: str | Path, repo_id: str, private: bool = False, t
     check_repo_id(repo_id)
     if dry_run_dir is not None:
         with dry_run_folder(dry_run_dir) as out:
-            staged = stage_adapter(adapter_dir, out, repo_id, report_dir, dataset, license, token)
+            staged = stage_adapter(adapter_dir, out, repo_id, report_dir, dataset, license, known_token(token))
         print(staged.listing())
         return staged.folder
     token = resolve_token(token)
     with tempfile.TemporaryDirectory(prefix="phisum-push-") as tmp:
         staged = stage_adapter(adapter_dir, Path(tmp), repo_id, report_dir, dataset, license, token)
         print(staged.listing(), file=sys.stderr)
+        message = scrub(commit_message or f"Upload LoRA adapter from {Path(adapter_dir).name}", token)
         return upload_staged(staged.folder, repo_id, token, private=private, revision=revision,
-                             commit_message=commit_message or f"Upload LoRA adapter from {Path(adapter_dir).name}",
+                             commit_message=message,
                              endpoint=endpoint)
 
 

@@ -33,6 +33,7 @@ from phisum.hub import (
     dry_run_folder,
     finish_listing,
     forbidden_reason,
+    known_token,
     resolve_token,
     scrub,
     upload_staged,
@@ -136,7 +137,7 @@ def deploy_space(repo_id: str, root: str | Path = ROOT, private: bool = False, t
     variables = dict(variables or {})
     if dry_run_dir is not None:
         with dry_run_folder(dry_run_dir) as out:
-            staged = stage_space(root, out, token)
+            staged = stage_space(root, out, known_token(token))
         print(staged.listing())
         for key, value in variables.items():
             print(f"would set Space variable {key}={value}")
@@ -158,7 +159,7 @@ def deploy_space(repo_id: str, root: str | Path = ROOT, private: bool = False, t
         staged = stage_space(root, Path(tmp), token)
         print(staged.listing(), file=sys.stderr)
         return upload_staged(staged.folder, repo_id, token, private=private, repo_type="space", space_sdk="gradio",
-                             commit_message=commit_message or "Deploy PhiSUM Space", endpoint=endpoint,
+                             commit_message=scrub(commit_message or "Deploy PhiSUM Space", token), endpoint=endpoint,
                              before_upload=configure)
 
 
