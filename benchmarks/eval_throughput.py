@@ -86,17 +86,24 @@ def main() -> int:
     step = max(1, args.batch_size // 2)
     batched, single = {s: [] for s in systems}, {s: [] for s in systems}
     t_batched = t_single = 0.0
-    for start in tqdm(range(0, len(dialogues), step), desc="groups (batched, then one at a time)", unit="group"):
+    bar = tqdm(total=4 * len(dialogues), desc="summaries (both variants)", unit="summary")
+    for start in range(0, len(dialogues), step):
         group = dialogues[start:start + step]
         t0 = time.perf_counter()
         outs = generate_outputs(engine, group, systems, settings, batch_size=args.batch_size)
         t_batched += time.perf_counter() - t0
+        bar.update(2 * len(group))
         t0 = time.perf_counter()
         for system in systems:  # what the notebooks do: base over the items, then the adapter
-            single[system].extend(engine.summarize([d], system, settings, batch_size=1)[0] for d in group)
+            for d in group:
+                single[system].append(engine.summarize([d], system, settings, batch_size=1)[0])
+                bar.update()
         t_single += time.perf_counter() - t0
+        bar.write(f"items {start}-{start + len(group) - 1}: one at a time {t_single:.0f} s, batched {t_batched:.0f} s "
+                  f"so far ({t_single / t_batched:.2f}x)")
         for s in systems:
             batched[s].extend(outs[s])
+    bar.close()
 
     total = 2 * len(dialogues)
     print(f"one at a time: {t_single:7.1f} s  {60 * total / t_single:6.1f} summaries/min")

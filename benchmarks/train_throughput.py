@@ -1,0 +1,95 @@
+"""Trained tokens/s: trl SFTTrainer defaults vs phisum's completion-only CPU trainer.
+
+Both variants train the same LoRA (same init) on the same base, rows, batches and
+steps, side by side in one process, so the RATIO is meaningful on a shared CPU.
+The per-step losses are printed next to each other: they must agree within bf16
+noise (the fast path changes how the loss is computed, not what it is).
+
+  python benchmarks/train_throughput.py                 # embedded Gemma 3 270M, real DialogSum rows
+  python benchmarks/train_throughput.py --profile tiny  # seconds, for a smoke check
+  python benchmarks/train_throughput.py --steps 3 --batch 4 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_variant(fast: bool, profile, rows, args, workdir: Path) -> dict:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig, get_peft_model
+    from trl import SFTConfig, SFTTrainer
+
+    from phisum.fast_trainer import CompletionOnlySFTTrainer, ThroughputCallback
+    from phisum.models import load_base
+
+    model, tokenizer = load_base(profile, dtype=torch.float32, device="cpu", progress=False)
+    torch.manual_seed(0)  # identical LoRA init in both variants
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, task_type="CAUSAL_LM",
+                                             target_modules=list(profile.lora_target_modules)))
+    config = dict(output_dir=str(workdir / ("fast" if fast else "trl")), max_steps=args.steps, report_to="none",
+                  per_device_train_batch_size=args.batch, learning_rate=2e-4, logging_steps=1, save_strategy="no",
+                  use_cpu=True, bf16=True, max_length=768, train_sampling_strategy="sequential",
+                  disable_tqdm=True, seed=0)
+    if fast:
+        config["gradient_checkpointing"] = False  # everything else stays at trl's defaults
+    meter = ThroughputCallback()
+    cls = CompletionOnlySFTTrainer if fast else SFTTrainer
+    trainer = cls(model=model, args=SFTConfig(**config), train_dataset=Dataset.from_list(rows),
+                  processing_class=tokenizer, callbacks=[meter])
+    batches = list(trainer.get_train_dataloader())[:args.steps]
+    tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return {"tokens": tokens, "seconds": meter.train_seconds, "tokens_per_second": tokens / meter.train_seconds,
+            "losses": losses}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", default="embedded", choices=("embedded", "tiny"))
+    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "dialogsum"))
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--json", default=None, help="also write the results here")
+    args = parser.parse_args()
+
+    import tempfile
+
+    from phisum.data import dialogsum_examples, load_dialogsum
+    from phisum.models import load_base
+    from phisum.profiles import PROFILES
+
+    profile = PROFILES[args.profile]
+    if not Path(args.data).exists():
+        print(f"DialogSum not found at {args.data} (see ../shared/data/README.md)", file=sys.stderr)
+        return 2
+    _, tokenizer = load_base(profile, device="cpu", progress=False)
+    train, report = load_dialogsum(args.data, "train")
+    rows = dialogsum_examples(train[: args.steps * args.batch], tokenizer.eos_token)
+    print(f"{profile.base_model}: {report.summary()}; {args.steps} steps of batch {args.batch}", file=sys.stderr)
+    with tempfile.TemporaryDirectory() as tmp:
+        fast = run_variant(True, profile, rows, args, Path(tmp))
+        slow = run_variant(False, profile, rows, args, Path(tmp))
+    print(f"{'variant':<28}{'tokens/s':>10}{'seconds':>10}   losses per step")
+    for name, r in (("trl SFTTrainer defaults", slow), ("phisum completion-only", fast)):
+        print(f"{name:<28}{r['tokens_per_second']:>10.1f}{r['seconds']:>10.1f}   "
+              + " ".join(f"{x:.4f}" for x in r["losses"]))
+    ratio = fast["tokens_per_second"] / slow["tokens_per_second"]
+    gap = max(abs(a - b) for a, b in zip(fast["losses"], slow["losses"]))
+    print(f"speed-up: {ratio:.1f}x; largest per-step loss difference {gap:.4f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"profile": profile.name, "steps": args.steps, "batch": args.batch,
+                                               "trl_default": slow, "fast": fast, "speedup": ratio,
+                                               "max_loss_gap": gap}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
