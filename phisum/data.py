@@ -133,3 +133,167 @@ def load_dialogsum(source: str | Path | None = None, split: str = "train") -> tu
     if not rows:
         raise DataError(f"{origin}: no usable rows ({report.summary()})")
     return rows, report
+
+
+# ------------------------------------------------------------------ oasst1
+
+OASST_HUB_ID = "OpenAssistant/oasst1"
+XSUM_HUB_ID = "EdinburghNLP/xsum"
+
+
+def _oasst_rank(message: dict) -> float:
+    rank = message.get("rank")
+    return float("inf") if rank is None else float(rank)
+
+
+def build_oasst_conversations(messages: list[dict], lang: str | None = "en",
+                              report: DataReport | None = None) -> list[dict]:
+    """Rebuild one conversation per message tree from oasst1's flat message rows.
+
+    Deleted messages and ones reviewers rejected (review_result false) are dropped
+    with their whole subtree; from each kept node the best-ranked reply (rank 0, the
+    lowest rank, first on a tie) is followed down to a leaf. Returns
+    [{"tree_id", "lang", "messages": [{"role": "user"|"assistant", "content"}]}].
+    """
+    report = report or DataReport("oasst1", "?")
+    nodes: dict[str, dict] = {}
+    for message in messages:
+        mid, role, text = message.get("message_id"), message.get("role"), str(message.get("text") or "").strip()
+        if not mid or role not in ("prompter", "assistant"):
+            report.bad["message without message_id or role"] += 1
+        elif not text:
+            report.bad["empty message text"] += 1
+        elif message.get("deleted"):
+            report.bad["deleted message"] += 1
+        elif message.get("review_result") is False:
+            report.bad["message rejected in review"] += 1
+        else:
+            nodes[mid] = message
+    children: dict[str, list[dict]] = {}
+    roots = []
+    for message in nodes.values():
+        parent = message.get("parent_id")
+        if parent is None:
+            roots.append(message)
+        elif parent in nodes:
+            children.setdefault(parent, []).append(message)
+        else:
+            report.bad["reply whose parent was dropped or is missing"] += 1
+    conversations = []
+    for root in roots:
+        if lang and root.get("lang") != lang:
+            report.bad[f"tree not in language {lang!r}"] += 1
+            continue
+        if root["role"] != "prompter":
+            report.bad["tree that does not start with a prompter message"] += 1
+            continue
+        path, node = [root], root
+        while True:
+            # Replies must alternate roles; a same-role child would break the template.
+            replies = [c for c in children.get(node["message_id"], []) if c["role"] != node["role"]]
+            if not replies:
+                break
+            node = min(replies, key=_oasst_rank)  # min keeps the first of equal ranks
+            path.append(node)
+        while path and path[-1]["role"] != "assistant":
+            path.pop()  # a training conversation ends with an assistant reply
+        if len(path) < 2:
+            report.bad["tree without a kept assistant reply"] += 1
+            continue
+        conversations.append({
+            "tree_id": str(root.get("message_tree_id") or root["message_id"]),
+            "lang": root.get("lang"),
+            "messages": [{"role": "user" if m["role"] == "prompter" else "assistant", "content": m["text"].strip()}
+                         for m in path],
+        })
+    report.rows_kept = len(conversations)
+    return conversations
+
+
+def load_oasst(source: str | Path | None = None, split: str = "train",
+               lang: str | None = "en") -> tuple[list[dict], DataReport]:
+    """oasst1 conversations from the Hub or a local jsonl of raw message rows.
+
+    rows_read counts messages; rows_kept counts conversations (one per tree).
+    """
+    records, origin, sha = _load_records(source, split, OASST_HUB_ID)
+    report = DataReport(origin, split, rows_read=len(records), sha256=sha)
+    if records and "message_id" not in records[0]:
+        raise DataError(f"{origin}: expected raw oasst1 message rows with 'message_id', 'parent_id', 'role', "
+                        f"'text' (fields seen: {', '.join(sorted(records[0]))})")
+    conversations = build_oasst_conversations(records, lang=lang, report=report)
+    if not conversations:
+        raise DataError(f"{origin}: no usable conversations ({report.summary()})")
+    return conversations, report
+
+
+def split_by_tree(conversations: list[dict], eval_fraction: float = 0.1,
+                  seed: str = "phisum") -> tuple[list[dict], list[dict]]:
+    """Deterministic split on a hash of the tree id, so a tree never lands in both parts."""
+    train, evaluation = [], []
+    for conversation in conversations:
+        digest = hashlib.sha256(f"{seed}:{conversation['tree_id']}".encode()).digest()
+        (evaluation if int.from_bytes(digest[:4], "big") / 2**32 < eval_fraction else train).append(conversation)
+    return train, evaluation
+
+
+# -------------------------------------------------------------------- xsum
+
+def load_xsum(source: str | Path | None = None, split: str = "train") -> tuple[list[dict], DataReport]:
+    """XSum rows as {"id", "document", "summary"}."""
+    records, origin, sha = _load_records(source, split, XSUM_HUB_ID)
+    report = DataReport(origin, split, rows_read=len(records), sha256=sha)
+    rows = []
+    for index, record in enumerate(records):
+        document = str(record.get("document") or "").strip()
+        summary = str(record.get("summary") or "").strip()
+        if not document:
+            report.bad["missing or empty 'document'"] += 1
+        elif not summary:
+            report.bad["missing or empty 'summary'"] += 1
+        else:
+            rows.append({"id": str(record.get("id") or f"{split}_{index}"), "document": document, "summary": summary})
+    report.rows_kept = len(rows)
+    if not rows:
+        raise DataError(f"{origin}: no usable rows ({report.summary()})")
+    return rows, report
+
+
+# ------------------------------------------------ rows -> prompt/completion
+
+def _with_eos(text: str, eos_token: str) -> str:
+    # The model must learn to stop: every target ends with EOS, and EOS is in the loss.
+    return text if text.endswith(eos_token) else text + eos_token
+
+
+def dialogsum_examples(rows: list[dict], eos_token: str) -> list[dict]:
+    """One example per reference summary; prompt ends with "Output:\\n"."""
+    from phisum.prompts import dialogsum_prompt
+
+    return [{"prompt": dialogsum_prompt(row["dialogue"]), "completion": _with_eos(summary, eos_token)}
+            for row in rows for summary in row["summaries"]]
+
+
+def xsum_examples(rows: list[dict], eos_token: str) -> list[dict]:
+    from phisum.prompts import xsum_prompt
+
+    return [{"prompt": xsum_prompt(row["document"]), "completion": _with_eos(row["summary"], eos_token)}
+            for row in rows]
+
+
+def chat_examples(conversations: list[dict], eos_token: str, every_turn: bool = True) -> list[dict]:
+    """`### Human: ... ### Assistant:` prompt, the reply as completion.
+
+    every_turn makes one example per assistant reply (each with its history), so
+    every reply of a conversation is trained on, not only the last.
+    """
+    from phisum.prompts import split_chat_for_training
+
+    examples = []
+    for conversation in conversations:
+        messages = conversation["messages"]
+        ends = [i + 1 for i, m in enumerate(messages) if m["role"] == "assistant"]
+        for end in ends if every_turn else ends[-1:]:
+            prompt, completion = split_chat_for_training(messages[:end])
+            examples.append({"prompt": prompt, "completion": _with_eos(completion, eos_token)})
+    return examples

@@ -1,0 +1,79 @@
+"""The phisum part of a training recipe; trl's SFTConfig and ModelConfig hold the rest.
+
+A recipe YAML is parsed by `trl.TrlParser((PhisumArguments, SFTConfig, ModelConfig))`,
+the same dataclasses the command line fills, so any key can be overridden with
+`--key value` and an unknown key fails.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+TRAIN_TASKS = ("dialogsum", "oasst", "xsum")
+
+
+@dataclass
+class PhisumArguments:
+    """Which data and base the run uses and where the adapter goes.
+
+    Args:
+        profile: `phi2`, `embedded` or `tiny`. `embedded`/`tiny` load the base through
+            phisum.models (the embedded GGUF cache, or the in-code tiny model) and
+            record the profile's base id in the adapter; `phi2`/None load
+            `model_name_or_path` with from_pretrained.
+        task: `dialogsum`, `oasst` or `xsum`; picks the loader and the prompt template.
+        dataset_source: local file/folder or Hub dataset id (None: the task's Hub dataset).
+        train_split / eval_split: splits to read. For oasst, eval_split may equal
+            train_split: the conversations are then split by message tree.
+        eval_fraction: share of oasst trees held out when both splits are the same.
+        oasst_lang: keep only trees in this language (empty: all languages).
+        max_train_samples / max_eval_samples: cut the data (0 = all), for smoke runs.
+        adapter_dir: where the final adapter, summary and loss curve are written
+            (default: <output_dir>/adapter). Checkpoints stay in output_dir.
+        fast_cpu: completion-only-logits trainer; None = automatically on CPU.
+    """
+
+    profile: str | None = field(default=None, metadata={"help": "phi2, embedded, tiny, or none to use model_name_or_path"})
+    task: str = field(default="dialogsum", metadata={"help": f"one of {', '.join(TRAIN_TASKS)}"})
+    dataset_source: str | None = field(default=None, metadata={"help": "local file/folder or Hub dataset id"})
+    train_split: str = field(default="train", metadata={"help": "split to train on"})
+    eval_split: str | None = field(default="validation", metadata={"help": "split to evaluate on (none: no eval)"})
+    eval_fraction: float = field(default=0.1, metadata={"help": "oasst: share of trees held out if splits match"})
+    oasst_lang: str = field(default="en", metadata={"help": "oasst: language of the trees kept ('' = all)"})
+    max_train_samples: int = field(default=0, metadata={"help": "use only the first N training examples (0 = all)"})
+    max_eval_samples: int = field(default=0, metadata={"help": "use only the first N eval examples (0 = all)"})
+    adapter_name: str = field(default="dialogsum", metadata={"help": "name the adapter is known by in the app"})
+    adapter_dir: str | None = field(default=None, metadata={"help": "final adapter folder (default output_dir/adapter)"})
+    fast_cpu: bool | None = field(default=None, metadata={"help": "fast CPU trainer (default: on when no CUDA)"})
+
+    def __post_init__(self):
+        if self.task not in TRAIN_TASKS:
+            raise ValueError(f"task must be one of {', '.join(TRAIN_TASKS)}, got {self.task!r}")
+        if self.profile in ("", "none", "None"):
+            self.profile = None
+        if self.profile is not None and self.profile not in ("phi2", "embedded", "tiny"):
+            raise ValueError(f"profile must be phi2, embedded, tiny or none, got {self.profile!r}")
+        if self.eval_split in ("", "none", "None"):
+            self.eval_split = None
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+
+
+def build_parser():
+    from trl import ModelConfig, SFTConfig, TrlParser
+
+    return TrlParser((PhisumArguments, SFTConfig, ModelConfig))
+
+
+def parse_recipe(argv: list[str]):
+    """(phisum_args, sft_config, model_config) from `--config X.yaml` plus overrides.
+
+    Without CUDA, `use_cpu` defaults to true: TrainingArguments otherwise refuses
+    the recipes' bf16 on a CPU, and bf16 autocast is what makes CPU training fast.
+    """
+    import torch
+
+    argv = list(argv)
+    if not torch.cuda.is_available() and not any(a.split("=")[0] == "--use_cpu" for a in argv):
+        argv += ["--use_cpu", "true"]
+    return build_parser().parse_args_and_config(args=argv)

@@ -1,0 +1,193 @@
+"""Training on the tiny profile: real peft LoRA/QLoRA, real trl steps, real checkpoints."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from phisum.train_config import parse_recipe
+from phisum import training
+
+ROOT = Path(__file__).resolve().parent.parent
+DIALOGUES = [("#Person1#: Is the report ready?\n#Person2#: Yes, I sent it this morning.", "The report was sent."),
+             ("#Person1#: Lunch at noon?\n#Person2#: Sure, see you then.", "They will have lunch at noon."),
+             ("#Person1#: Where is the bank?\n#Person2#: Next to the station.", "The bank is by the station."),
+             ("#Person1#: I lost my keys.\n#Person2#: Check your coat.", "#Person2# suggests the coat.")]
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    folder = tmp_path / "dialogsum"
+    folder.mkdir()
+    for split, rows in (("train", DIALOGUES * 2), ("validation", DIALOGUES[:2])):
+        with open(folder / f"{split}.jsonl", "w") as handle:
+            for i, (dialogue, summary) in enumerate(rows):
+                handle.write(json.dumps({"fname": f"{split}_{i}", "dialogue": dialogue, "summary": summary}) + "\n")
+    return folder
+
+
+def write_recipe(tmp_path, data_dir, **overrides) -> Path:
+    recipe = {"profile": "tiny", "use_peft": True, "lora_r": 8, "lora_alpha": 16,
+              "lora_target_modules": ["q_proj", "k_proj", "v_proj", "dense"], "task": "dialogsum",
+              "dataset_source": str(data_dir), "output_dir": str(tmp_path / "run"), "max_length": 256,
+              "max_steps": 2, "per_device_train_batch_size": 2, "learning_rate": 1e-2, "logging_steps": 1,
+              "save_strategy": "no", "report_to": "none", "disable_tqdm": True, "seed": 0}
+    recipe.update(overrides)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def train_in_process(recipe: Path):
+    """The pieces training.train() chains, kept apart so the test can look at the weights."""
+    pargs, sft, margs = parse_recipe(["--config", str(recipe)])
+    fast = training.choose_fast_path(pargs, sft)
+    model, tokenizer, base_id = training.load_model(pargs, margs, fast)
+    rows, evaluation, _ = training.load_examples(pargs, tokenizer.eos_token)
+    model = training.add_lora(model, margs, base_id, sft.gradient_checkpointing)
+    before = {n: p.detach().clone().float() for n, p in model.named_parameters()}
+    trainer = training.build_trainer(model, tokenizer, rows, evaluation, sft, fast)
+    trainer.train()
+    return trainer, model, before
+
+
+def assert_adapter_changed_base_not(model, before):
+    changed = unchanged_base = 0
+    for name, param in model.named_parameters():
+        same = torch.equal(before[name], param.detach().float())
+        if "lora_" in name:
+            changed += not same
+        else:
+            assert same, f"base parameter {name} changed"
+            unchanged_base += 1
+    assert changed > 0 and unchanged_base > 0
+
+
+def test_lora_fast_trainer_changes_adapter_not_base(tmp_path, data_dir):
+    trainer, model, before = train_in_process(write_recipe(tmp_path, data_dir))
+    assert type(trainer).__name__ == "CompletionOnlySFTTrainer"  # chosen automatically on CPU
+    assert not trainer.args.gradient_checkpointing and trainer.state.global_step == 2
+    assert_adapter_changed_base_not(model, before)
+
+
+def test_qlora_4bit_trl_trainer(tmp_path, data_dir):
+    from phisum.profiles import save_tiny
+
+    tiny = save_tiny(tmp_path / "tiny")
+    recipe = write_recipe(tmp_path, data_dir, profile="none", model_name_or_path=str(tiny), load_in_4bit=True,
+                          bnb_4bit_quant_type="nf4", dtype="bfloat16", fast_cpu=False)
+    trainer, model, before = train_in_process(recipe)
+    assert type(trainer).__name__ == "SFTTrainer"
+    assert type(model.base_model.model.model.layers[0].self_attn.q_proj.base_layer).__name__ == "Linear4bit"
+    assert_adapter_changed_base_not(model, before)
+
+
+def test_lora_8bit_paged_adamw8bit_fast_trainer(tmp_path, data_dir):
+    from phisum.profiles import save_tiny
+
+    tiny = save_tiny(tmp_path / "tiny")
+    recipe = write_recipe(tmp_path, data_dir, profile="none", model_name_or_path=str(tiny), load_in_8bit=True,
+                          optim="paged_adamw_8bit")
+    trainer, model, before = train_in_process(recipe)
+    assert type(trainer.optimizer.optimizer).__name__ == "PagedAdamW8bit"
+    assert_adapter_changed_base_not(model, before)
+
+
+def test_fast_loss_equals_trl_loss(tmp_path, data_dir):
+    """Same batch, same weights, fp32: completion-only logits give trl's loss exactly."""
+    from datasets import Dataset
+    from trl import SFTTrainer
+
+    from phisum.fast_trainer import CompletionOnlySFTTrainer
+
+    pargs, sft, margs = parse_recipe(["--config", str(write_recipe(tmp_path, data_dir, bf16=False))])
+    model, tokenizer, base_id = training.load_model(pargs, margs, True)
+    rows, _, _ = training.load_examples(pargs, tokenizer.eos_token)
+    model = training.add_lora(model, margs, base_id, False)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)  # B = 0 would make the adapter a no-op
+    losses = []
+    for cls in (SFTTrainer, CompletionOnlySFTTrainer):
+        kwargs = {"autocast_bf16": False} if cls is CompletionOnlySFTTrainer else {}
+        trainer = cls(model=model, args=sft, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+                      **kwargs)
+        batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+        assert (batch["labels"] == tokenizer.eos_token_id).any(), "EOS must be a trained label"
+        with torch.no_grad():
+            losses.append(float(trainer.compute_loss(model, batch)))
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4)
+
+
+def test_resume_continues_from_checkpoint(tmp_path, data_dir):
+    recipe = write_recipe(tmp_path, data_dir, save_strategy="steps", save_steps=2)
+    pargs, sft, margs = parse_recipe(["--config", str(recipe)])
+    training.train(pargs, sft, margs, ["--config", str(recipe)])
+    assert (tmp_path / "run" / "checkpoint-2").is_dir()
+    pargs, sft, margs = parse_recipe(["--config", str(recipe), "--max_steps", "4", "--resume_from_checkpoint", "true"])
+    summary = training.train(pargs, sft, margs, [])
+    assert summary["steps"] == 4
+    state = json.loads((tmp_path / "run" / "checkpoint-4" / "trainer_state.json").read_text())
+    steps = [h["step"] for h in state["log_history"] if "loss" in h]
+    assert steps[:2] == [1, 2] and steps[-1] == 4  # steps 1-2 come from the checkpoint's history
+
+
+def test_push_to_hub_needs_repo_id(tmp_path, data_dir):
+    recipe = write_recipe(tmp_path, data_dir)
+    pargs, sft, margs = parse_recipe(["--config", str(recipe), "--push_to_hub", "true"])
+    with pytest.raises(ValueError, match="hub_model_id"):
+        training.train(pargs, sft, margs, [])
+
+
+def run_cli(args, tmp_path, timeout=120):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_cli_trains_and_writes_adapter_summary_and_curve(tmp_path, data_dir):
+    recipe = write_recipe(tmp_path, data_dir, eval_strategy="steps", eval_steps=1, adapter_dir=str(tmp_path / "ad"))
+    result = run_cli([sys.executable, "-m", "phisum", "train", "--config", str(recipe), "--max_steps", "3"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    adapter = tmp_path / "ad"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "phisum/tiny-phi" and config["r"] == 8
+    summary = json.loads((adapter / "training_summary.json").read_text())
+    assert summary["steps"] == 3 and summary["final_eval_loss"] is not None and summary["tokens_per_second"] > 0
+    assert "--max_steps 3" in summary["command"] and summary["data"][0]["sha256"]
+    assert (adapter / "loss_curve.png").stat().st_size > 1000
+    assert not list(adapter.glob("*.bin")) and not (tmp_path / "run" / "checkpoint-3").exists()
+
+    from phisum.adapters import check_adapter
+    from phisum.profiles import PROFILES
+
+    check_adapter(adapter, PROFILES["tiny"])
+
+
+def test_cli_bad_recipe_key_exits_with_message(tmp_path, data_dir):
+    recipe = write_recipe(tmp_path, data_dir, lora_rank=4)
+    result = run_cli([sys.executable, "-m", "phisum", "train", "--config", str(recipe)], tmp_path)
+    assert result.returncode == 2 and "lora_rank" in result.stderr
+
+
+@pytest.mark.slow
+def test_accelerate_two_processes_one_adapter(tmp_path, data_dir):
+    recipe = write_recipe(tmp_path, data_dir, adapter_dir=str(tmp_path / "ad"), max_steps=2)
+    result = run_cli(["accelerate", "launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+                      "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "phisum", "train",
+                      "--config", str(recipe)], tmp_path, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "ad" / "training_summary.json").read_text())
+    assert summary["processes"] == 2 and summary["steps"] == 2
+    assert len(list(tmp_path.rglob("adapter_model.safetensors"))) == 1
+
+    from peft import PeftModel
+
+    from phisum.profiles import build_tiny_model
+
+    PeftModel.from_pretrained(build_tiny_model(), tmp_path / "ad")
