@@ -28,7 +28,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]  # _util and phisum, from any working directory
-from _util import RESULT_TAG, load_line, median, print_table, run_child, verdict  # noqa: E402
+from _util import RESULT_TAG, load_line, median, print_table, run_child, verdict
 
 GOAL = 10.0
 PRELUDE = "import json, time\nt0 = time.perf_counter()\n"
@@ -56,7 +56,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="phisum-cold-") as tmp:
         env = {"PHISUM_CACHE_DIR": str(Path(tmp) / "cache"), "PHISUM_PROFILE": args.profile,
                "HF_HUB_OFFLINE": "1"}
-        child = lambda body: run_child(PRELUDE + body + REPORT, env)["seconds"]  # noqa: E731
+        child = lambda body: run_child(PRELUDE + body + REPORT, env)["seconds"]
         engine_code = ENGINE.format(profile=args.profile)
         times: dict[str, list[float]] = {}
         embedded = args.profile == "embedded"

@@ -23,7 +23,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]  # _util and phisum, from any working directory
-from _util import RESULT_TAG, load_line, median, print_table, run_child, verdict  # noqa: E402
+from _util import RESULT_TAG, load_line, median, print_table, run_child, verdict
 
 GOAL = 1.1
 CHILD = """
