@@ -56,9 +56,12 @@ def main() -> int:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
     parser.add_argument("--adapter", default=str(ROOT / "assets/adapters/embedded/dialogsum"))
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default torch's); 1 is far steadier on an oversubscribed CPU")
     parser.add_argument("--data", default=str(ROOT.parent / "shared/data/dialogsum"))
     args = parser.parse_args()
 
+    import torch
     from tqdm.auto import tqdm
 
     from phisum.data import load_dialogsum
@@ -66,6 +69,8 @@ def main() -> int:
     from phisum.evaluation import generate_outputs
     from phisum.generation import BASE, GenerationSettings
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rows, report = load_dialogsum(args.data, "test")
     dialogues = [r["dialogue"] for r in rows[:args.n]]
     adapter = Path(args.adapter)
@@ -79,7 +84,8 @@ def main() -> int:
     dialogues.sort(key=engine.count_tokens)  # as the evaluator does before batching: less padding
     systems = [BASE, "dialogsum"]
     engine.summarize(dialogues[:1], BASE, GenerationSettings(max_new_tokens=4))  # warm-up, not timed
-    print(f"{engine.profile.base_model} {args.dtype}, {len(dialogues)} items x {len(systems)} systems, "
+    print(f"{engine.profile.base_model} {args.dtype}, {torch.get_num_threads()} threads, "
+          f"{len(dialogues)} items x {len(systems)} systems, "
           f"max_new_tokens={args.max_new_tokens}, data {report.source}")
 
     # The CPU is shared: alternate the two variants group by group so load changes hit both alike.

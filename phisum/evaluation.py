@@ -298,7 +298,10 @@ def evaluate(engine, items: Sequence[dict], systems: Sequence[str] = (BASE, "dia
             delta[m] = bootstrap_ci([y[m] - x[m] for x, y in zip(scores[a], scores[b])], indices=idx)
             delta_first[m] = bootstrap_ci([y[m] - x[m] for x, y in zip(first[a], first[b])], indices=idx)
 
+    import torch
+
     config = {"task": task, "systems": systems, "items": len(items), "batch_size": batch_size,
+              "torch_threads": torch.get_num_threads(),
               "generation": settings.to_dict(), "use_stemmer": bool(use_stemmer),
               "sentence_splitter": sentence_splitter(), "multi_reference": "max over references per metric",
               "bootstrap": {"resamples": resamples, "seed": seed, "interval": "95% percentile, paired"}}

@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="bootstrap (and --shuffle) seed")
     p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples")
     p.add_argument("--no-stemmer", action="store_true", help="score without Porter stemming")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default torch's); on a CPU shared with other jobs 1 is much steadier")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
@@ -85,6 +87,10 @@ def load_engine(args, systems: list[str]):
     unknown = [s for s in systems if s != BASE and s not in sources]
     if unknown:
         raise ValueError(f"no source for adapter {unknown[0]!r}; add --adapter-source {unknown[0]}=PATH")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     engine = Engine.load(profile, adapters=wanted, dtype=args.dtype, bits=args.bits, progress=not args.no_progress)
     if engine.missing:
         name, why = next(iter(engine.missing.items()))
