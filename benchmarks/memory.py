@@ -101,6 +101,8 @@ def make_standin_adapters(profile, folder: Path) -> dict[str, str]:
         config = LoraConfig(r=16, lora_alpha=32, target_modules=list(profile.lora_target_modules),
                             init_lora_weights=False, task_type="CAUSAL_LM")
         model = get_peft_model(base, config)
+        # peft reads model.name_or_path, which is the cache folder for the embedded base
+        model.peft_config["default"].base_model_name_or_path = profile.base_model
         model.save_pretrained(folder / name)
         base = model.unload()  # back to the plain base for the next adapter
         paths[name] = str(folder / name)
