@@ -223,6 +223,29 @@ def summarize_run(trainer, reports, argv, train, wall: float, fast: bool) -> dic
     }
 
 
+def write_training_notes(summary: dict, path: Path) -> None:
+    """A short human-readable TRAINING.md beside the adapter (the json has everything)."""
+    data = "\n".join(f"- {d['report']}; sha256 `{d['sha256'] or 'n/a (Hub)'}`" for d in summary["data"])
+    path.write_text(f"""# How this adapter was trained
+
+```
+{summary['command']}
+```
+
+Data:
+{data}
+
+| steps | epochs | examples | trained tokens | tokens/s | train s | wall s | final train loss | final eval loss | best eval loss | peak memory MB |
+|---|---|---|---|---|---|---|---|---|---|---|
+| {summary['steps']} | {summary['epochs']} | {summary['train_examples']} | {summary['trained_tokens']} | \
+{summary['tokens_per_second']} | {summary['train_seconds']} | {summary['wall_seconds']} | {summary['final_train_loss']} | \
+{summary['final_eval_loss']} | {summary['best_eval_loss']} | {summary['peak_memory_mb']} |
+
+Trainer: {summary['trainer']}, {summary['processes']} process(es), {summary['torch_threads']} torch threads.
+Loss curve: loss_curve.png (train and eval). Machine-readable: training_summary.json.
+""")
+
+
 def push_to_hub(adapter_dir: Path, repo_id: str | None, token: str | None, private: bool | None) -> None:
     if not repo_id:
         raise ValueError("--push_to_hub needs --hub_model_id user/name")
@@ -267,6 +290,7 @@ def train(pargs, training_args, model_args, argv: list[str]) -> dict | None:
     summary["adapter_dir"] = str(adapter_dir)
     (adapter_dir / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     plot_losses(trainer.state.log_history, adapter_dir / "loss_curve.png")
+    write_training_notes(summary, adapter_dir / "TRAINING.md")
     print(json.dumps({k: v for k, v in summary.items() if k != "data"}, indent=2))
     if push:
         push_to_hub(adapter_dir, training_args.hub_model_id, training_args.hub_token, training_args.hub_private_repo)
