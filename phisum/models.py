@@ -77,7 +77,10 @@ def load_base(profile: Profile, dtype: torch.dtype | str | None = None, bits: in
         if quant is None:
             model.to(device)
     prepare_tokenizer(tokenizer)
+    # peft records model.name_or_path as the adapter's base: the profile's identity,
+    # not a cache folder, so adapters are portable and check_adapter can verify them.
     model.config.name_or_path = profile.base_model
+    model.name_or_path = profile.base_model
     model.eval()
     return model, tokenizer
 
