@@ -11,6 +11,10 @@ Usage:
   python benchmarks/eval_throughput.py                       # embedded, 32 items, bf16
   python benchmarks/eval_throughput.py --dtype fp32 --n 16   # check output identity in fp32
   python benchmarks/eval_throughput.py --adapter PATH        # another adapter folder
+Measured (2 shared, oversubscribed cores, --threads 1, stand-in adapter):
+  bf16, 32 items, 128 new tokens: 4.5 -> 24.5 summaries/min, 5.41x; identical outputs: base 26/32, adapter 23/32
+  fp32, 16 items, 64 new tokens:  7.0 -> 20.5 summaries/min, 2.90x; identical outputs: 16/16 and 16/16
+  (bf16 rounds differently for different batch shapes, so near-tie tokens flip; fp32 matches exactly.)
 If assets/adapters/embedded/dialogsum is absent, a stand-in LoRA adapter (random B)
 is built in a temporary folder and the script says so.
 """
@@ -18,6 +22,7 @@ is built in a temporary folder and the script says so.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -61,6 +66,7 @@ def main() -> int:
     parser.add_argument("--data", default=str(ROOT.parent / "shared/data/dialogsum"))
     args = parser.parse_args()
 
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is local; peft would otherwise probe the Hub
     import torch
     from tqdm.auto import tqdm
 
