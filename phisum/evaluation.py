@@ -21,6 +21,7 @@ import numpy as np
 
 from phisum.data import file_sha256
 from phisum.generation import BASE, Generation, GenerationSettings, InputError
+from phisum.profiles import ROOT
 
 METRICS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 METRIC_LABELS = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", "rougeLsum": "ROUGE-Lsum"}
@@ -178,7 +179,11 @@ def describe_systems(engine, systems: Sequence[str]) -> dict:
         if system != BASE:
             path = Path(engine.adapters[system])
             weights = path / "adapter_model.safetensors"
-            identity["adapters"][system] = {"path": str(path),
+            try:  # committed reports must not carry this machine's checkout path
+                shown = str(path.resolve().relative_to(ROOT))
+            except ValueError:
+                shown = str(path)
+            identity["adapters"][system] = {"path": shown,
                                             "sha256": file_sha256(weights) if weights.exists() else None}
     return identity
 
