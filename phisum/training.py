@@ -123,12 +123,11 @@ def build_trainer(model, tokenizer, train, evaluation, training_args, fast: bool
 
     meter = ThroughputCallback()
     cls = CompletionOnlySFTTrainer
-    kwargs = {}
     if not fast:
         from trl import SFTTrainer as cls  # noqa: N813
     trainer = cls(model=model, args=training_args, train_dataset=Dataset.from_list(train),
                   eval_dataset=Dataset.from_list(evaluation) if evaluation else None,
-                  processing_class=tokenizer, callbacks=[meter], **kwargs)
+                  processing_class=tokenizer, callbacks=[meter])
     trainer.phisum_meter = meter
     return trainer
 
