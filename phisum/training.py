@@ -192,6 +192,19 @@ def plot_losses(history: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def _redacted_command(argv) -> str:
+    """The command as run, minus any token passed on the command line (it lands in a file)."""
+    from phisum.hub import scrub
+
+    words, hide = [], False
+    for arg in argv:
+        words.append("***" if hide else scrub(arg))
+        hide = arg in ("--hub_token", "--token")
+        if arg.startswith(("--hub_token=", "--token=")):
+            words[-1] = arg.split("=", 1)[0] + "=***"
+    return "python -m phisum train " + " ".join(shlex.quote(w) for w in words)
+
+
 def summarize_run(trainer, reports, argv, train, wall: float, fast: bool) -> dict:
     import torch
 
@@ -203,7 +216,7 @@ def summarize_run(trainer, reports, argv, train, wall: float, fast: bool) -> dic
     losses = [h["loss"] for h in history if "loss" in h]
     evals = [h["eval_loss"] for h in history if "eval_loss" in h]
     return {
-        "command": "python -m phisum train " + " ".join(shlex.quote(a) for a in argv),
+        "command": _redacted_command(argv),
         "data": [{"source": r.source, "split": r.split, "report": r.summary(), "sha256": r.sha256} for r in reports],
         "train_examples": len(train),
         "steps": trainer.state.global_step,
@@ -317,4 +330,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        from phisum.hub import PublishError
+
+        if isinstance(exc, PublishError):  # a rejected token etc.: one clean line, no traceback
+            print(f"error: {exc}", file=sys.stderr)
+            return exc.exit_code
+        raise
     return 0

@@ -198,3 +198,11 @@ def test_accelerate_two_processes_one_adapter(tmp_path, data_dir):
     from phisum.profiles import build_tiny_model
 
     PeftModel.from_pretrained(build_tiny_model(), tmp_path / "ad")
+
+
+def test_recorded_command_never_keeps_a_hub_token():
+    from phisum.training import _redacted_command
+
+    token = "hf_" + "a" * 34
+    command = _redacted_command(["--config", "x.yaml", "--hub_token", token, f"--hub_token={token}"])
+    assert token not in command and command.count("***") == 2
