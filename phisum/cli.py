@@ -171,7 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     # Delegated commands parse their own flags; split global options off first.
     for i, tok in enumerate(argv):
         if tok in DELEGATED:
-            return importlib.import_module(DELEGATED[tok]).main(argv[i + 1:])
+            # Global options given before the command (--profile tiny train ...) are passed on,
+            # not dropped; the command's own parser rejects any it does not know.
+            return importlib.import_module(DELEGATED[tok]).main(argv[i + 1:] + argv[:i])
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="[%(name)s] %(message)s")

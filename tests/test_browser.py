@@ -60,7 +60,13 @@ def test_three_tabs_in_chromium(engine, tmp_path):
         page.wait_for_function("""() => {
             const bots = document.querySelectorAll('#chatbot .message-row.bot-row, #chatbot [data-testid=bot]');
             return bots.length > 0 && bots[bots.length - 1].innerText.trim().length > 0; }""", timeout=slow)
-        page.wait_for_timeout(500)
+        # Text appeared while streaming; let the reply finish (stable for 3 s) before the screenshot.
+        page.wait_for_function("""() => {
+            const bots = document.querySelectorAll('#chatbot .message-row.bot-row, #chatbot [data-testid=bot]');
+            const text = bots[bots.length - 1].innerText;
+            const now = Date.now();
+            if (window.__last !== text) { window.__last = text; window.__since = now; return false; }
+            return now - window.__since > 3000; }""", timeout=slow, polling=500)
         page.screenshot(path=str(shots / "chat.png"), full_page=True)
 
         # Tab 3: live ROUGE with N = 3

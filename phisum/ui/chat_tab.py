@@ -8,6 +8,7 @@ from phisum.generation import BASE, InputError
 from phisum.ui.common import gpu, make_settings, settings_accordion, user_error
 
 ADAPTER = "oasst"
+CHAT_REPETITION_PENALTY = 1.15
 EXAMPLES = ["What are three tips for staying focused while studying?",
             "Explain what a LoRA adapter is in two sentences.",
             "Write a short, friendly reminder to water the plants."]
@@ -15,17 +16,20 @@ EXAMPLES = ["What are three tips for staying focused while studying?",
 
 def answering(engine, use_base: bool) -> str:
     if use_base:
-        return f"🤖 Answering: **base model** `{engine.profile.base_model}` (no adapter), for comparison."
+        return f"Answering: **base model** `{engine.profile.base_model}` (no adapter), for comparison."
     if ADAPTER in engine.adapters:
-        return f"🤖 Answering: `{engine.profile.base_model}` + **`{ADAPTER}` adapter** (OASST1-tuned)."
+        return f"Answering: `{engine.profile.base_model}` + **`{ADAPTER}` adapter** (OASST1-tuned)."
     why = engine.missing.get(ADAPTER, "not configured")
-    return f"⚠️ The `{ADAPTER}` adapter is not loaded ({why}); the **base model** answers instead."
+    return f"**Note:** The `{ADAPTER}` adapter is not loaded ({why}); the **base model** answers instead."
 
 
 def chat_reply(engine, message, history, use_base, max_new, sample, temperature, top_p):
     """Generator: yields the growing reply. Gradio closes it on Stop, which cancels generation."""
     system = BASE if use_base or ADAPTER not in engine.adapters else ADAPTER
     settings = make_settings(max_new, sample, temperature, top_p, engine.profile.context_length)
+    # Small chat adapters loop under greedy decoding ("I've been writing for a long time. I've been...");
+    # a mild penalty keeps replies readable and is stated in the tab.
+    settings.repetition_penalty = CHAT_REPETITION_PENALTY
     if isinstance(message, dict):  # multimodal-style payloads from API clients
         message = message.get("text", "")
     messages = [m for m in (history or []) if isinstance(m, dict)] + [{"role": "user", "content": message}]
@@ -50,6 +54,8 @@ def create_chat_tab(engine) -> None:
         use_base = gr.Checkbox(value=False, label="Chat with the base model instead (for comparison)",
                                elem_id="chat-use-base")
         note = gr.Markdown(answering(engine, False), elem_id="chat-note")
+        gr.Markdown(f"Replies use a repetition penalty of {CHAT_REPETITION_PENALTY}; the Stop button "
+                    "ends generation at once.")
         settings = settings_accordion(max_new_tokens=192, limit=min(512, engine.profile.context_length // 2))
         use_base.change(lambda b: answering(engine, b), use_base, note, api_name="chat_model",
                         queue=False)

@@ -36,7 +36,7 @@ def header_markdown(engine) -> str:
         f"**device** `{info['device']}` · **dtype** `{info['dtype']}` · **adapters** {loaded}",
     ]
     for name, why in info["missing_adapters"].items():
-        lines.append(f"> ⚠️ Adapter `{name}` is not loaded: {why}. Its tab shows base output only until "
+        lines.append(f"> **Note:** Adapter `{name}` is not loaded: {why}. Its tab shows base output only until "
                      f"you train it (`python -m phisum train --config ...`) or set `PHISUM_ADAPTER_{name.upper()}`.")
     return "\n\n".join(lines)
 

@@ -70,7 +70,7 @@ def aggregate_markdown(report, systems) -> str:
     text = "\n".join(lines)
     text += f"\n\n{report.items_per_second * 60:.1f} summaries per minute · stemming on · max over references"
     if failures:
-        text += "\n\n⚠️ Generation failures: " + "; ".join(failures)
+        text += "\n\n**Generation failures:** " + "; ".join(failures)
     return text
 
 
@@ -85,7 +85,7 @@ def run_live_rouge(engine, n, seed, max_new, data_dir=None, progress=None):
     systems = (BASE, ADAPTER) if ADAPTER in engine.adapters else (BASE,)
     notes = [f"Data: {source}."] + ([note] if note else [])
     if len(systems) == 1:
-        notes.append(f"⚠️ Adapter `{ADAPTER}` not loaded ({engine.missing.get(ADAPTER, 'not configured')}): "
+        notes.append(f"**Note:** Adapter `{ADAPTER}` not loaded ({engine.missing.get(ADAPTER, 'not configured')}): "
                      "scoring the base model only.")
 
     def report_progress(done, total, desc):

@@ -33,7 +33,7 @@ def summarize_pair(engine, dialogue, max_new, sample, temperature, top_p):
     else:
         tuned_text, tuned_stats = tuned.display, _stats(tuned)
         diff = word_diff(base.text, tuned.text)
-    note = "\n\n".join(f"ℹ️ {n}" for n in notices)
+    note = "\n\n".join(f"**Note:** {n}" for n in notices)
     return base.display, _stats(base), tuned_text, tuned_stats, diff, note
 
 
