@@ -67,7 +67,7 @@ def load_base(profile: Profile, dtype: torch.dtype | str | None = None, bits: in
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         path = model_path(profile, progress=progress)
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = load_embedded_tokenizer(path) if profile.name == "embedded" else AutoTokenizer.from_pretrained(path)
         kwargs = {"dtype": dtype}
         quant = quantization_config(bits, dtype)
         if quant is not None:
@@ -83,6 +83,21 @@ def load_base(profile: Profile, dtype: torch.dtype | str | None = None, bits: in
     model.name_or_path = profile.base_model
     model.eval()
     return model, tokenizer
+
+
+def load_embedded_tokenizer(path: str):
+    """The cache's tokenizer.json straight into the fast tokenizer: 1.2 s instead of
+    3.0 s for AutoTokenizer's GemmaTokenizer, which parses the 33 MB file twice in
+    Python. Encodings are identical (checked in tests/test_embedded.py)."""
+    import json
+    from pathlib import Path
+
+    from transformers import PreTrainedTokenizerFast
+
+    config = json.loads((Path(path) / "tokenizer_config.json").read_text())
+    special = {k: config[k] for k in ("bos_token", "eos_token", "pad_token", "unk_token", "mask_token")
+               if isinstance(config.get(k), str)}
+    return PreTrainedTokenizerFast(tokenizer_file=str(Path(path) / "tokenizer.json"), **special)
 
 
 def prepare_tokenizer(tokenizer) -> None:

@@ -77,3 +77,19 @@ def test_app_on_the_embedded_profile_answers_through_its_api():
             assert "not loaded" in note
         reply = client.predict("What is the capital of France?", False, 32, False, 0.7, 0.9, api_name="/chat")
         assert reply.strip()
+
+
+def test_fast_tokenizer_load_matches_autotokenizer():
+    from transformers import AutoTokenizer
+
+    from phisum.models import load_embedded_tokenizer
+    from phisum.ui.common import load_samples
+
+    path = str(embedded.ensure_cache(progress=False))
+    fast, reference = load_embedded_tokenizer(path), AutoTokenizer.from_pretrained(path)
+    texts = [s["dialogue"] for s in load_samples()] + ["### Human: héllo 你好 🙂\n### Assistant:", "Instruct: x\nOutput:\n"]
+    assert [fast(t).input_ids for t in texts] == [reference(t).input_ids for t in texts]
+    assert (fast.bos_token_id, fast.eos_token_id, fast.pad_token_id) == (
+        reference.bos_token_id, reference.eos_token_id, reference.pad_token_id)
+    ids = reference(texts[0]).input_ids
+    assert fast.decode(ids, skip_special_tokens=True) == reference.decode(ids, skip_special_tokens=True)
