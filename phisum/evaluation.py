@@ -239,10 +239,10 @@ class Report:
 
         return plot_report(self, Path(path))
 
-    def save(self, out_dir) -> Path:
+    def save(self, out_dir, example_text: bool = True) -> Path:
         from phisum.reporting import save_report
 
-        return save_report(self, Path(out_dir))
+        return save_report(self, Path(out_dir), example_text)
 
 
 def evaluate(engine, items: Sequence[dict], systems: Sequence[str] = (BASE, "dialogsum"), task: str = "dialogsum",

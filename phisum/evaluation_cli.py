@@ -2,7 +2,7 @@
 
 Example (the committed embedded report):
   python -m phisum evaluate --profile embedded --task dialogsum --data ../shared/data/dialogsum \\
-      --split test --n 200 --adapters base,dialogsum --out assets/reports/embedded-dialogsum
+      --split test --n 200 --adapters base,dialogsum --out assets/reports/embedded-dialogsum --no-example-text
 
 Items: the first N rows of the split in file order (deterministic, like the published
 tables); --shuffle takes N rows after a shuffle seeded by --seed instead.
@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default torch's); on a CPU shared with other jobs 1 is much steadier")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-example-text", action="store_true",
+                   help="report.md names its best/worst items by id and score only, without dataset text "
+                        "(for reports committed to a repository)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -118,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     report.data = {"source": data_report.source, "split": args.split, "sha256": data_report.sha256,
                    "summary": data_report.summary(), "selection": selection}
-    out = report.save(args.out)
+    out = report.save(args.out, example_text=not args.no_example_text)
     print(_summary(report), file=sys.stderr)
     print(out)
     return 0

@@ -11,7 +11,7 @@ from phisum.evaluation import METRIC_LABELS, METRICS, Report
 EXAMPLES_SHOWN = 3
 
 
-def save_report(report: Report, out_dir: Path) -> Path:
+def save_report(report: Report, out_dir: Path, example_text: bool = True) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / "predictions.jsonl", "w", encoding="utf-8") as handle:
         for row in report.rows:
@@ -19,7 +19,7 @@ def save_report(report: Report, out_dir: Path) -> Path:
     (out_dir / "metrics.json").write_text(json.dumps(report.metrics(), indent=2, ensure_ascii=False) + "\n",
                                           encoding="utf-8")
     plot_report(report, out_dir / "rouge.png")
-    (out_dir / "report.md").write_text(render_markdown(report), encoding="utf-8")
+    (out_dir / "report.md").write_text(render_markdown(report, example_text), encoding="utf-8")
     return out_dir
 
 
@@ -81,8 +81,11 @@ def _quote(text: str, limit: int = 600) -> str:
     return "\n".join("> " + line for line in (text or "(empty output)").splitlines()) or "> (empty output)"
 
 
-def _examples(report: Report) -> list[str]:
-    """Items where the second system gained (or lost) most ROUGE-Lsum; with one system, its best and worst."""
+def _examples(report: Report, with_text: bool = True) -> list[str]:
+    """Items where the second system gained (or lost) most ROUGE-Lsum; with one system, its best and worst.
+
+    with_text=False names the items and their scores only: for reports committed beside code,
+    where the dataset's text must not be copied (the text stays in predictions.jsonl)."""
     systems = report.systems
     if len(systems) == 2:
         key = lambda r: r["scores"][systems[1]]["rougeLsum"] - r["scores"][systems[0]]["rougeLsum"]  # noqa: E731
@@ -95,6 +98,13 @@ def _examples(report: Report) -> list[str]:
     lines = []
     for heading, picked in (("Best examples", ranked[::-1][:count]), ("Worst examples", ranked[:count])):
         lines += [f"## {heading} (by {title})", ""]
+        if not with_text:
+            for row in picked:
+                scores = "; ".join(f"{s} ROUGE-1 {row['scores'][s]['rouge1']:.3f}, ROUGE-Lsum "
+                                   f"{row['scores'][s]['rougeLsum']:.3f}, stop: {row['finish'][s]}" for s in systems)
+                lines.append(f"- `{row['id']}` ({title}: {key(row):+.3f}): {scores}")
+            lines += ["", "Texts of these items: predictions.jsonl (not committed; it holds the dataset's text).", ""]
+            continue
         for row in picked:
             lines += [f"### {row['id']} ({title}: {key(row):+.3f})", "", "Dialogue:", "", _quote(row["input"], 800),
                       "", "Reference (first of {}):".format(len(row["references"])), "",
@@ -106,7 +116,7 @@ def _examples(report: Report) -> list[str]:
     return lines
 
 
-def render_markdown(report: Report) -> str:
+def render_markdown(report: Report, example_text: bool = True) -> str:
     cfg, ident, gen = report.config, report.identity, report.config.get("generation", {})
     n = len(report.rows)
     lines = [f"# {report.task} evaluation: {' vs '.join(report.systems)}", "",
@@ -137,5 +147,5 @@ def render_markdown(report: Report) -> str:
     lines += ["", f"Inputs truncated to fit the context: {truncated}.",
               f"Throughput: {report.items_per_second:.2f} items/s "
               f"({60 * report.items_per_second * len(report.systems):.1f} summaries/min), {report.seconds:.0f} s "
-              "of generation.", "", "![ROUGE](rouge.png)", "", *_examples(report)]
+              "of generation.", "", "![ROUGE](rouge.png)", "", *_examples(report, example_text)]
     return "\n".join(lines).rstrip() + "\n"

@@ -211,3 +211,13 @@ def test_cli_unknown_adapter_is_exit_2(tmp_path, capsys):
     assert cli_main(["--profile", "tiny", "--data", str(data), "--adapters", "base,nope",
                      "--out", str(tmp_path / "o")]) == 2
     assert "--adapter-source nope=PATH" in capsys.readouterr().err
+
+
+def test_report_without_example_text_keeps_dataset_text_out_of_report_md(tiny_engine, tmp_path):
+    report = evaluate(tiny_engine, make_items(4, refs=("Unique reference sentence here.",)), settings=SHORT)
+    with_text = (report.save(tmp_path / "a") / "report.md").read_text()
+    without = (report.save(tmp_path / "b", example_text=False) / "report.md").read_text()
+    assert "Unique reference sentence here." in with_text and "#Person1#: Did you book" in with_text
+    assert "Unique reference sentence here." not in without and "#Person1#" not in without
+    assert "`t0`" in without or "`t1`" in without  # items still named, with their scores
+    assert (tmp_path / "b" / "predictions.jsonl").exists()
