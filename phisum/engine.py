@@ -151,7 +151,7 @@ class Engine:
         if not messages or messages[-1].get("role") != "user":
             raise InputError("the conversation must end with a user message")
         last = dict(messages[-1])
-        last["content"] = validate_text(prompts._content(last), "message")
+        last["content"] = validate_text(prompts.message_text(last), "message")
         history = [m for m in messages[:-1] if m.get("role") in ("user", "assistant")]
         budget = self.profile.context_length - max_new_tokens
         notices = []

@@ -31,7 +31,7 @@ def xsum_prompt(article: str) -> str:
     return XSUM_PROMPT.format(article=article.strip())
 
 
-def _content(message: Mapping) -> str:
+def message_text(message: Mapping) -> str:
     """gradio 6 may hand content as a list of {"type": "text", "text": ...} parts."""
     content = message.get("content", "")
     if isinstance(content, str):
@@ -63,7 +63,7 @@ def chat_prompt(messages: Iterable[Mapping]) -> str:
         role = message.get("role")
         if role not in ("user", "assistant"):
             continue
-        lines.append(chat_turn(role, _content(message)))
+        lines.append(chat_turn(role, message_text(message)))
     return "".join(lines) + ASSISTANT
 
 
@@ -72,7 +72,7 @@ def split_chat_for_training(messages: list[Mapping]) -> tuple[str, str]:
     if not messages or messages[-1].get("role") != "assistant":
         raise ValueError("a training conversation must end with an assistant turn")
     prompt = chat_prompt(messages[:-1])
-    return prompt, " " + _content(messages[-1]).strip()
+    return prompt, " " + message_text(messages[-1]).strip()
 
 
 def build_prompt(task: str, text: str) -> str:
