@@ -8,6 +8,11 @@ hidden states there (a pre-hook on the output embedding, which keeps the call
 going through DDP/peft wrappers) and runs lm_head + cross-entropy on those rows
 alone, under bf16 autocast with fp32 master weights. Same loss definition as trl
 (sum over completion tokens / tokens in the accumulated batch).
+
+Under bf16 autocast the frozen base Linear weights are stored in bf16 up front:
+autocast would round them to bf16 before every matmul anyway (same numbers, same
+losses), so this only removes a cast of every base weight on every step and
+halves their memory. Trainable (LoRA) weights stay fp32.
 """
 
 from __future__ import annotations
@@ -30,49 +35,105 @@ def output_head(model):
     return head
 
 
+def store_frozen_linears_in_bf16(model) -> int:
+    """Frozen plain nn.Linear weights -> bf16; returns how many. The output head is left
+    alone: it is tied to the input embedding, and a bf16 embedding would turn the whole
+    fp32 residual stream into bf16. Quantized layers (bnb subclasses) are left alone too."""
+    head = output_head(model)
+    count = 0
+    for module in model.modules():
+        if type(module) is torch.nn.Linear and module is not head and module.weight.dtype == torch.float32 \
+                and not any(p.requires_grad for p in module.parameters()):
+            module.to(torch.bfloat16)
+            count += 1
+    return count
+
+
 class CompletionOnlySFTTrainer(SFTTrainer):
     """SFTTrainer whose loss computes the LM head only where labels != -100."""
 
-    def __init__(self, *args, autocast_bf16: bool = True, **kwargs):
+    def __init__(self, *args, autocast_bf16: bool = True, unpad_overhead_tokens: int | None = 64, **kwargs):
         super().__init__(*args, **kwargs)
         self.autocast_bf16 = autocast_bf16
+        self.unpad_overhead_tokens = unpad_overhead_tokens  # None: one forward over the padded batch
+        if autocast_bf16 and self.args.device.type == "cpu":
+            store_frozen_linears_in_bf16(self.model)
         self.trained_tokens = 0  # tokens through forward+backward on this rank
         self.completion_tokens = 0
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if model.training else "eval"
         labels = inputs["labels"]
-        shifted = labels[:, 1:]
-        mask = shifted != -100
+        attention_mask = inputs.get("attention_mask")
         head = output_head(model)
-
-        def gather_completion_states(module, args):
-            # (batch, seq, hidden) -> (completion tokens, hidden): the head sees only those rows.
-            return (args[0][:, :-1][mask],)
-
-        handle = head.register_forward_pre_hook(gather_completion_states)
         device = inputs["input_ids"].device.type
         autocast = (torch.autocast(device_type=device, dtype=torch.bfloat16)
                     if self.autocast_bf16 and device == "cpu" else nullcontext())
-        try:
-            with autocast:
-                outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
-                                use_cache=False)
-        finally:
-            handle.remove()
-        logits = outputs.logits.float()  # model-side softcapping (Gemma) already applied
-        loss = F.cross_entropy(logits, shifted[mask], reduction="sum")
-        count = mask.sum() if num_items_in_batch is None else num_items_in_batch
+        logits, targets = [], []
+        for rows, length in self.length_groups(inputs["input_ids"], attention_mask):
+            ids, sub_labels = inputs["input_ids"][rows, :length], labels[rows, :length]
+            sub_mask = attention_mask[rows, :length] if attention_mask is not None else None
+            shifted = sub_labels[:, 1:]
+            positions = shifted != -100
+
+            def gather_completion_states(module, args, positions=positions):
+                # (batch, seq, hidden) -> (completion tokens, hidden): the head sees only those rows.
+                return (args[0][:, :-1][positions],)
+
+            handle = head.register_forward_pre_hook(gather_completion_states)
+            try:
+                with autocast:
+                    outputs = model(input_ids=ids, attention_mask=sub_mask, use_cache=False)
+            finally:
+                handle.remove()
+            logits.append(outputs.logits.float())  # model-side softcapping (Gemma) already applied
+            targets.append(shifted[positions])
+        logits, targets = torch.cat(logits), torch.cat(targets)
+        loss = F.cross_entropy(logits, targets, reduction="sum")
+        count = len(targets) if num_items_in_batch is None else num_items_in_batch
         loss = loss / torch.as_tensor(count, device=loss.device).clamp(min=1)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes  # DDP averages gradients; undo it like trl does
         if mode == "train":
-            tokens = int(inputs["attention_mask"].sum()) if "attention_mask" in inputs else labels.numel()
+            tokens = int(attention_mask.sum()) if attention_mask is not None else labels.numel()
             self.trained_tokens += tokens
-            self.completion_tokens += int(mask.sum())
+            self.completion_tokens += len(targets)
             self._total_train_tokens += tokens * self.accelerator.num_processes
             self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
         return (loss, {"loss": loss}) if return_outputs else loss
+
+    def length_groups(self, input_ids, attention_mask) -> list[tuple[torch.Tensor, int]]:
+        """(row indices, length) per forward pass: the batch split so that little compute goes to padding.
+
+        A collated batch is padded to its longest row; on a CPU every pad token costs as much
+        as a real one. Rows are cut into groups of similar length, each trimmed to its own
+        longest row. All groups' graphs are alive until the one backward, so memory is that of
+        the batch minus its padding. Only for right-padded batches in a single process: DDP
+        allows one forward per backward."""
+        whole = [(torch.arange(input_ids.shape[0]), input_ids.shape[1])]
+        if attention_mask is None or self.unpad_overhead_tokens is None or self.accelerator.num_processes > 1 \
+                or not bool(attention_mask[:, 0].all()):
+            return whole
+        lengths = attention_mask.sum(dim=1).tolist()
+        return [(torch.tensor(rows), max(lengths[r] for r in rows))
+                for rows in plan_length_groups(lengths, self.unpad_overhead_tokens)]
+
+
+def plan_length_groups(lengths: list[int], overhead_tokens: int) -> list[list[int]]:
+    """Rows sorted by length and cut into consecutive groups minimising padded tokens plus
+    `overhead_tokens` per extra forward pass (op dispatch, smaller matmuls); exact DP."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    best, cut = [0] + [float("inf")] * len(order), [0] * (len(order) + 1)
+    for end in range(1, len(order) + 1):
+        for begin in range(end):
+            cost = best[begin] + (end - begin) * lengths[order[end - 1]] + overhead_tokens
+            if cost < best[end]:
+                best[end], cut[end] = cost, begin
+    groups, end = [], len(order)
+    while end:
+        groups.append(order[cut[end]:end])
+        end = cut[end]
+    return groups[::-1]
 
 
 class ThroughputCallback(TrainerCallback):
@@ -80,6 +141,7 @@ class ThroughputCallback(TrainerCallback):
 
     def __init__(self):
         self.train_seconds = 0.0
+        self.step_seconds: list[float] = []
         self.eval_seconds = 0.0
         self._step_start = None
         self._eval_start = None
@@ -89,7 +151,8 @@ class ThroughputCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         if self._step_start is not None:
-            self.train_seconds += time.perf_counter() - self._step_start
+            self.step_seconds.append(time.perf_counter() - self._step_start)
+            self.train_seconds += self.step_seconds[-1]
             self._step_start = None
 
     def on_prediction_step(self, args, state, control, **kwargs):

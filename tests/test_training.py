@@ -46,7 +46,7 @@ def write_recipe(tmp_path, data_dir, **overrides) -> Path:
 def train_in_process(recipe: Path):
     """The pieces training.train() chains, kept apart so the test can look at the weights."""
     pargs, sft, margs = parse_recipe(["--config", str(recipe)])
-    fast = training.choose_fast_path(pargs, sft)
+    fast = training.choose_fast_path(pargs, sft, margs)
     model, tokenizer, base_id = training.load_model(pargs, margs, fast)
     rows, evaluation, _ = training.load_examples(pargs, tokenizer.eos_token)
     model = training.add_lora(model, margs, base_id, sft.gradient_checkpointing)
@@ -59,7 +59,9 @@ def train_in_process(recipe: Path):
 def assert_adapter_changed_base_not(model, before):
     changed = unchanged_base = 0
     for name, param in model.named_parameters():
-        same = torch.equal(before[name], param.detach().float())
+        # The fast trainer stores frozen Linear weights in bf16 (what autocast computes with
+        # anyway), so a base weight is unchanged when it equals its own bf16 rounding.
+        same = torch.equal(before[name].to(param.dtype).float(), param.detach().float())
         if "lora_" in name:
             changed += not same
         else:
@@ -71,8 +73,26 @@ def assert_adapter_changed_base_not(model, before):
 def test_lora_fast_trainer_changes_adapter_not_base(tmp_path, data_dir):
     trainer, model, before = train_in_process(write_recipe(tmp_path, data_dir))
     assert type(trainer).__name__ == "CompletionOnlySFTTrainer"  # chosen automatically on CPU
-    assert not trainer.args.gradient_checkpointing and trainer.state.global_step == 2
+    assert trainer.state.global_step == 2
+    # transformers 5 enables checkpointing from `activation_checkpointing` inside train(): look at
+    # the model itself, since the args alias once said False while every layer recomputed.
+    assert not trainer.args.activation_checkpointing
+    assert not model.base_model.model.is_gradient_checkpointing
+    q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert q_proj.base_layer.weight.dtype == torch.bfloat16 and q_proj.lora_A["default"].weight.dtype == torch.float32
+    assert model.get_output_embeddings().weight.dtype == torch.float32  # tied to the fp32 embedding
     assert_adapter_changed_base_not(model, before)
+
+
+def test_fast_path_settings(tmp_path, data_dir):
+    pargs, sft, margs = parse_recipe(["--config", str(write_recipe(tmp_path, data_dir))])
+    assert sft.activation_checkpointing  # trl's default, which the CPU path turns off
+    assert training.choose_fast_path(pargs, sft, margs)
+    assert not sft.activation_checkpointing and not sft.gradient_checkpointing
+    assert sft.train_sampling_strategy == "group_by_length" and margs.attn_implementation == "eager"
+    pargs, sft, margs = parse_recipe(["--config", str(write_recipe(tmp_path, data_dir, attn_implementation="sdpa"))])
+    training.choose_fast_path(pargs, sft, margs)
+    assert margs.attn_implementation == "sdpa"  # a recipe's explicit choice stands
 
 
 def test_qlora_4bit_trl_trainer(tmp_path, data_dir):
@@ -107,7 +127,7 @@ def test_fast_loss_equals_trl_loss(tmp_path, data_dir):
 
     from phisum.fast_trainer import CompletionOnlySFTTrainer
 
-    pargs, sft, margs = parse_recipe(["--config", str(write_recipe(tmp_path, data_dir, bf16=False))])
+    pargs, sft, margs = parse_recipe(["--config", str(write_recipe(tmp_path, data_dir, bf16=False, per_device_train_batch_size=4))])
     model, tokenizer, base_id = training.load_model(pargs, margs, True)
     rows, _, _ = training.load_examples(pargs, tokenizer.eos_token)
     model = training.add_lora(model, margs, base_id, False)
@@ -116,15 +136,34 @@ def test_fast_loss_equals_trl_loss(tmp_path, data_dir):
             if "lora_B" in name:
                 p.normal_(0, 0.3)  # B = 0 would make the adapter a no-op
     losses = []
-    for cls in (SFTTrainer, CompletionOnlySFTTrainer):
-        kwargs = {"autocast_bf16": False} if cls is CompletionOnlySFTTrainer else {}
+    # None: one forward over the padded batch; 0: one forward per row (every row trimmed of padding)
+    for cls, unpad in ((SFTTrainer, None), (CompletionOnlySFTTrainer, None), (CompletionOnlySFTTrainer, 0)):
+        kwargs = {"autocast_bf16": False, "unpad_overhead_tokens": unpad} if cls is CompletionOnlySFTTrainer else {}
         trainer = cls(model=model, args=sft, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
                       **kwargs)
         batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
         assert (batch["labels"] == tokenizer.eos_token_id).any(), "EOS must be a trained label"
+        lengths = batch["attention_mask"].sum(1)
+        assert lengths.min() < lengths.max(), "the batch must hold padding for the unpadded path to matter"
+        if unpad == 0:
+            groups = trainer.length_groups(batch["input_ids"], batch["attention_mask"])
+            assert len(groups) == len(set(lengths.tolist())) > 1  # rows of equal length share a pass
+        model.eval()  # no LoRA dropout: the unpadded passes draw their dropout masks in another order
         with torch.no_grad():
             losses.append(float(trainer.compute_loss(model, batch)))
     assert losses[0] == pytest.approx(losses[1], rel=1e-4)
+    assert losses[0] == pytest.approx(losses[2], rel=1e-4)
+
+
+def test_plan_length_groups():
+    from phisum.fast_trainer import plan_length_groups
+
+    lengths = [500, 40, 480, 60, 50, 510]
+    # padding costs more than an extra pass: short rows and long rows go apart
+    assert plan_length_groups(lengths, overhead_tokens=64) == [[1, 4, 3], [2, 0, 5]]
+    assert plan_length_groups(lengths, overhead_tokens=10_000) == [[1, 4, 3, 2, 0, 5]]  # one pass
+    assert plan_length_groups(lengths, overhead_tokens=0) == [[1], [4], [3], [2], [0], [5]]
+    assert sorted(sum(plan_length_groups([7] * 5, 64), [])) == list(range(5))
 
 
 @pytest.mark.slow
