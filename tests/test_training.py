@@ -77,7 +77,7 @@ def test_lora_fast_trainer_changes_adapter_not_base(tmp_path, data_dir):
     # transformers 5 enables checkpointing from `activation_checkpointing` inside train(): look at
     # the model itself, since the args alias once said False while every layer recomputed.
     assert not trainer.args.activation_checkpointing
-    assert not model.base_model.model.is_gradient_checkpointing
+    assert not model.base_model.model.is_activation_checkpointing
     q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
     assert q_proj.base_layer.weight.dtype == torch.bfloat16 and q_proj.lora_A["default"].weight.dtype == torch.float32
     assert model.get_output_embeddings().weight.dtype == torch.float32  # tied to the fp32 embedding
