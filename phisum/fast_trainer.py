@@ -59,7 +59,6 @@ class CompletionOnlySFTTrainer(SFTTrainer):
         if autocast_bf16 and self.args.device.type == "cpu":
             store_frozen_linears_in_bf16(self.model)
         self.trained_tokens = 0  # tokens through forward+backward on this rank
-        self.completion_tokens = 0
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if model.training else "eval"
@@ -97,7 +96,6 @@ class CompletionOnlySFTTrainer(SFTTrainer):
         if mode == "train":
             tokens = int(attention_mask.sum()) if attention_mask is not None else labels.numel()
             self.trained_tokens += tokens
-            self.completion_tokens += len(targets)
             self._total_train_tokens += tokens * self.accelerator.num_processes
             self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
         return (loss, {"loss": loss}) if return_outputs else loss
@@ -140,11 +138,14 @@ class ThroughputCallback(TrainerCallback):
     """Wall time of the training loop (without evaluation) for a tokens/s figure."""
 
     def __init__(self):
-        self.train_seconds = 0.0
         self.step_seconds: list[float] = []
         self.eval_seconds = 0.0
         self._step_start = None
         self._eval_start = None
+
+    @property
+    def train_seconds(self) -> float:
+        return sum(self.step_seconds)
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._step_start = time.perf_counter()
@@ -152,7 +153,6 @@ class ThroughputCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if self._step_start is not None:
             self.step_seconds.append(time.perf_counter() - self._step_start)
-            self.train_seconds += self.step_seconds[-1]
             self._step_start = None
 
     def on_prediction_step(self, args, state, control, **kwargs):
