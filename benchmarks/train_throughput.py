@@ -11,6 +11,7 @@ setting is process-wide and cannot be undone, so trl's defaults run first; with
 --tuned-baseline a third run times trl's defaults again after the setting, to show
 how much of the speed-up is the allocator and how much the trainer.
 
+Usage:
   python benchmarks/train_throughput.py                 # embedded Gemma 3 270M, real DialogSum rows
   python benchmarks/train_throughput.py --profile tiny  # seconds, for a smoke check
   python benchmarks/train_throughput.py --steps 4 --batch 8 --json out.json
@@ -56,6 +57,9 @@ def run_variant(fast: bool, profile, rows, args, workdir: Path) -> dict:
     trainer = cls(model=model, args=SFTConfig(**config), train_dataset=Dataset.from_list(rows),
                   processing_class=tokenizer, callbacks=[meter])
     batches = list(trainer.get_train_dataloader())[:args.steps]
+    if len(batches) < args.steps:  # trl drops rows whose prompt fills max_length
+        raise SystemExit(f"only {len(batches)} batches of {args.batch} fit max_length 768; "
+                         f"lower --steps or --batch")
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     # The first step pays one-off costs (oneDNN kernel selection, allocator growth): timed apart.
@@ -89,7 +93,8 @@ def main() -> int:
         return 2
     _, tokenizer = load_base(profile, device="cpu", progress=False)
     train, report = load_dialogsum(args.data, "train")
-    rows = dialogsum_examples(train[: args.steps * args.batch], tokenizer.eos_token)
+    # spare rows: trl drops those whose prompt fills max_length (many, with the tiny byte tokenizer)
+    rows = dialogsum_examples(train[: args.steps * args.batch * 3], tokenizer.eos_token)
     print(f"{profile.base_model}: {report.summary()}; {args.steps} steps of batch {args.batch}", file=sys.stderr)
     with tempfile.TemporaryDirectory() as tmp:
         slow = run_variant(False, profile, rows, args, Path(tmp))  # first: before the allocator setting

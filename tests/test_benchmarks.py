@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPTS = ["generation.py", "cold_start.py", "memory.py"]
+SCRIPTS = ["generation.py", "cold_start.py", "memory.py", "train_throughput.py"]
 
 
 def run_benchmark(script: str, *args: str, timeout: float = 300) -> str:
@@ -23,7 +23,8 @@ def run_benchmark(script: str, *args: str, timeout: float = 300) -> str:
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_help_is_instant_and_documents_usage(script):
     out = run_benchmark(script, "--help", timeout=20)
-    assert "Usage:" in out and "--profile" in out and "--iterations" in out
+    assert "Usage:" in out and "--profile" in out
+    assert "--iterations" in out or "--steps" in out
     # heavy imports live inside main(): --help must not pull in torch
     probe = (f"import sys, runpy; sys.argv = ['x', '--help']\n"
              f"try: runpy.run_path({str(ROOT / 'benchmarks' / script)!r}, run_name='__main__')\n"
@@ -58,3 +59,14 @@ def test_memory_quick_on_tiny_compares_base_with_two_adapters():
     assert "stand-in LoRA adapters" in out  # the tiny profile ships no adapters
     ratio = re.search(r"base \+ 2 adapters / base only = ([\d.]+)x RSS", out)
     assert ratio and 0.5 < float(ratio.group(1)) < 3
+
+
+def test_train_throughput_on_tiny_same_losses_both_trainers():
+    if not (ROOT.parent / "shared" / "data" / "dialogsum").exists():
+        pytest.skip("../shared/data/dialogsum is absent (see ../shared/data/README.md)")
+    out = run_benchmark("train_throughput.py", "--profile", "tiny", "--steps", "3", "--batch", "4")
+    rows = {line[:36].strip(): line[36:].split() for line in out.splitlines()
+            if line.startswith(("trl SFTTrainer defaults", "phisum fast CPU path"))}
+    assert float(rows["trl SFTTrainer defaults"][0]) > 0 and float(rows["phisum fast CPU path"][0]) > 0
+    gap = re.search(r"largest per-step loss difference ([\d.]+)", out)
+    assert gap and float(gap.group(1)) < 0.01  # same loss, computed differently
