@@ -147,11 +147,11 @@ def choose_fast_path(pargs, training_args, model_args=None) -> bool:
     import torch
 
     fast = pargs.fast_cpu if pargs.fast_cpu is not None else not torch.cuda.is_available()
-    if fast and not torch.cuda.is_available():
-        from phisum.fast_trainer import keep_freed_memory
-
-        keep_freed_memory()  # 1.5x on CPU: see its docstring
     if fast:
+        if not torch.cuda.is_available():
+            from phisum.fast_trainer import keep_freed_memory
+
+            keep_freed_memory()  # 1.5x on CPU: see its docstring
         if training_args.gradient_checkpointing:
             log.info("fast CPU path: gradient checkpointing off (recomputation costs ~30%% and memory allows)")
         # transformers 5 reads `activation_checkpointing`; `gradient_checkpointing` is only its

@@ -193,6 +193,7 @@ def test_keep_freed_memory_stops_refaulting_big_blocks():
     assert default > 10_000, default
     assert tuned < 1_000, tuned
 
+
 @pytest.mark.slow
 def test_resume_continues_from_checkpoint(tmp_path, data_dir):
     recipe = write_recipe(tmp_path, data_dir, save_strategy="steps", save_steps=2)
