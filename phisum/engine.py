@@ -14,8 +14,11 @@ from contextlib import contextmanager
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
-import torch
-from transformers import StoppingCriteriaList, TextIteratorStreamer
+from phisum.startup import frozen_imports
+
+with frozen_imports():
+    import torch
+    from transformers import PreTrainedModel, StoppingCriteriaList, TextIteratorStreamer
 
 from phisum import prompts
 from phisum.adapters import AdapterError, AdapterSource, check_adapter, describe_adapter, resolve_adapter
@@ -28,7 +31,7 @@ log = logging.getLogger(__name__)
 
 
 class Engine:
-    def __init__(self, model, tokenizer, profile: Profile, reason: str = ""):
+    def __init__(self, model: PreTrainedModel, tokenizer, profile: Profile, reason: str = ""):
         self.model, self.tokenizer, self.profile, self.reason = model, tokenizer, profile, reason
         self.lock = threading.Lock()
         self.adapters: dict[str, Path] = {}

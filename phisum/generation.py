@@ -6,8 +6,11 @@ import threading
 import unicodedata
 from dataclasses import asdict, dataclass, field
 
-import torch
-from transformers import StoppingCriteria
+from phisum.startup import frozen_imports
+
+with frozen_imports():
+    import torch
+    from transformers import StoppingCriteria
 
 BASE = "base"  # the system name of the base model with every adapter off
 MAX_NEW_TOKENS_LIMIT = 1024

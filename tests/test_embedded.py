@@ -1,5 +1,6 @@
 """End to end on the embedded Gemma 3 270M: conversion, cached reload, a real summary."""
 
+import json
 import os
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import pytest
 
 from phisum import embedded
 
-pytestmark = pytest.mark.slow
+slow = pytest.mark.slow
 
 RACE = """
 import logging, sys, time
@@ -22,6 +23,7 @@ print("DONE", path, round(time.time() - t, 1))
 """
 
 
+@slow
 def test_two_processes_convert_once_and_both_get_a_complete_cache(tmp_path):
     # Use the run's cache when it is still empty (CI), so the suite converts only once.
     root = Path(os.environ.get(embedded.CACHE_ENV) or tmp_path / "cache")
@@ -41,6 +43,7 @@ def test_two_processes_convert_once_and_both_get_a_complete_cache(tmp_path):
     assert sum("waiting" in err for _, err in outs) == 1, "the second process waits for the first"
 
 
+@slow
 def test_cached_engine_loads_fast_and_summarizes(monkeypatch):
     if not embedded.is_cached():
         embedded.ensure_cache(progress=False)
@@ -58,6 +61,7 @@ def test_cached_engine_loads_fast_and_summarizes(monkeypatch):
     assert not out.empty and out.new_tokens > 0 and out.prompt_tokens > 50
 
 
+@slow
 def test_app_on_the_embedded_profile_answers_through_its_api():
     from gradio_client import Client
 
@@ -79,6 +83,7 @@ def test_app_on_the_embedded_profile_answers_through_its_api():
         assert reply.strip()
 
 
+@slow
 def test_fast_tokenizer_load_matches_autotokenizer():
     from transformers import AutoTokenizer
 
@@ -93,3 +98,55 @@ def test_fast_tokenizer_load_matches_autotokenizer():
         reference.bos_token_id, reference.eos_token_id, reference.pad_token_id)
     ids = reference(texts[0]).input_ids
     assert fast.decode(ids, skip_special_tokens=True) == reference.decode(ids, skip_special_tokens=True)
+
+
+@slow
+def test_cached_tokenizer_merges_are_strings_and_encode_like_the_pairs_transformers_wrote():
+    from tokenizers import Tokenizer
+
+    from phisum.ui.common import load_samples
+
+    text = (embedded.ensure_cache(progress=False) / "tokenizer.json").read_text(encoding="utf-8")
+    data = json.loads(text)
+    assert all(isinstance(m, str) for m in data["model"]["merges"]), "the cache keeps the fast merge form"
+    data["model"]["merges"] = [m.split(" ") for m in data["model"]["merges"]]
+    cached, pairs = Tokenizer.from_str(text), Tokenizer.from_str(json.dumps(data))
+    texts = [s["dialogue"] for s in load_samples()] + [s["summary"] for s in load_samples()] + [
+        "### Human: héllo 你好 🙂  tabs\tand  double  spaces\n\n### Assistant:", "Instruct: x\nOutput:\n", "<eos><bos>"]
+    assert [e.ids for e in cached.encode_batch(texts)] == [e.ids for e in pairs.encode_batch(texts)]
+
+
+def _train_bpe(tmp_path, space_in_pieces: bool) -> Path:
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    if space_in_pieces:  # no pre-tokenizer: merges may join across spaces
+        tok.pre_tokenizer = pre_tokenizers.Split("\n", behavior="isolated")
+    else:  # Gemma's set-up: spaces become "\u2581" before BPE sees them
+        tok.normalizer = normalizers.Replace(" ", "\u2581")
+    corpus = ["the cat sat on the mat", "the dog sat on the log", "a cat and a dog"] * 20
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=80, special_tokens=["<unk>"]))
+    path = tmp_path / "tokenizer.json"
+    tok.save(str(path))
+    return path
+
+
+def test_write_fast_tokenizer_json_keeps_encodings(tmp_path):
+    from tokenizers import Tokenizer
+
+    path = _train_bpe(tmp_path, space_in_pieces=False)
+    before = Tokenizer.from_file(str(path))
+    assert isinstance(json.loads(path.read_text())["model"]["merges"][0], list)
+    assert embedded.write_fast_tokenizer_json(path)
+    assert isinstance(json.loads(path.read_text())["model"]["merges"][0], str)
+    after = Tokenizer.from_file(str(path))
+    texts = ["the cat sat on the log", "a dog and a mat", "unseen words here"]
+    assert [after.encode(t).ids for t in texts] == [before.encode(t).ids for t in texts]
+
+
+def test_write_fast_tokenizer_json_leaves_merges_with_spaces_alone(tmp_path):
+    path = _train_bpe(tmp_path, space_in_pieces=True)
+    assert any(" " in "".join(m) for m in json.loads(path.read_text())["model"]["merges"])
+    original = path.read_bytes()
+    assert not embedded.write_fast_tokenizer_json(path)
+    assert path.read_bytes() == original

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-import gradio as gr
+from phisum.startup import frozen_imports
+
+with frozen_imports():
+    import gradio as gr
 
 from phisum.ui.common import header_markdown
 from phisum.ui.chat_tab import create_chat_tab

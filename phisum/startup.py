@@ -1,0 +1,32 @@
+"""Import the heavy libraries without the cyclic garbage collector rescanning them.
+
+Importing torch and transformers builds ~640k long-lived objects. CPython runs a
+full collection each time the tracked heap grows by a quarter, so the import
+keeps rescanning everything it has built so far: about 1 s of a 4.7 s cold start
+of the embedded model (benchmarks/cold_start.py). Afterwards every full collection
+would walk them again (0.23 s each after loading the engine, 0.002 s once they
+are frozen). Module-level objects live as long as the process, so they go into
+the permanent generation instead. What is frozen is never collected: only use this
+around imports, never around code that builds models or data.
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+
+@contextmanager
+def frozen_imports() -> Iterator[None]:
+    """Pause the cyclic GC for the block, then freeze everything alive at its end.
+
+    Nesting and repeating are harmless; an already-imported module costs nothing."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.freeze()
+        if enabled:
+            gc.enable()
