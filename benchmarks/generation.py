@@ -69,12 +69,12 @@ def main(argv=None) -> int:
     print(f"prompts: DialogSum prompt on dialogues from {source}")
 
     def run(engine, batch, new_tokens):
-        enc = engine.tokenizer(prompts[:batch], return_tensors="pt", padding=True)
+        enc = engine.encode(prompts[:batch])
         with engine.lock, torch.inference_mode(), Timer() as timer:
             out = engine.model.generate(**enc, max_new_tokens=new_tokens, do_sample=False, eos_token_id=-1,
                                         pad_token_id=engine.tokenizer.pad_token_id,
                                         temperature=None, top_p=None, top_k=None)
-        return timer.seconds, out[:, enc.input_ids.shape[1]:]
+        return timer.seconds, out[:, enc["input_ids"].shape[1]:]
 
     def decode_rates(cases, rounds):
         """cases: {label: (engine, batch)} -> ({label: [tok/s]}, {label: [prefill s]}, {label: last ids})."""

@@ -37,6 +37,10 @@ class Engine:
         self.adapters: dict[str, Path] = {}
         self.missing: dict[str, str] = {}  # adapter name -> why it is not loaded
         self.packed_layers = 0
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is not None:  # so no later call needs to change shared state (see encode)
+            backend.no_padding()
+            backend.no_truncation()
         eos = model.generation_config.eos_token_id
         eos = eos if isinstance(eos, list) else [eos if eos is not None else tokenizer.eos_token_id]
         self.eos_ids = {int(e) for e in eos if e is not None} | {int(tokenizer.eos_token_id)}
@@ -193,9 +197,24 @@ class Engine:
                 results.extend(self._generate_locked(list(prompt_list[chunk]), systems[chunk], settings, stops))
         return results
 
+    def encode(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Left-padded input_ids and attention_mask for a batch of prompts.
+
+        Pads here instead of tokenizer(..., padding=True): that call switches padding
+        on in the Rust tokenizer every thread shares, and a concurrent unpadded call
+        (prompts are built outside the model lock) switches it off mid-batch, failing
+        with "Unable to create tensor" (7 of 40 batches in a 3-thread stress run).
+        Unpadded calls leave the tokenizer's state alone, so none needs a lock."""
+        rows = self.tokenizer(list(texts)).input_ids
+        width = max(map(len, rows))
+        pad = self.tokenizer.pad_token_id
+        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=self.device)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.device)
+        return {"input_ids": ids, "attention_mask": mask}
+
     def _generate_locked(self, batch, systems, settings, stops, cancel=None) -> list[Generation]:
-        enc = self.tokenizer(batch, return_tensors="pt", padding=True).to(self.device)
-        prompt_len = enc.input_ids.shape[1]
+        enc = self.encode(batch)
+        prompt_len = enc["input_ids"].shape[1]
         criteria = StoppingCriteriaList([StopOnStrings(self.tokenizer, stops, prompt_len)] if stops else [])
         if cancel is not None:
             criteria.append(CancelOnEvent(cancel))
@@ -208,7 +227,7 @@ class Engine:
         seconds = time.perf_counter() - t0
         results = []
         for row, system in enumerate(systems):
-            prompt_tokens = int(enc.attention_mask[row].sum())
+            prompt_tokens = int(enc["attention_mask"][row].sum())
             results.append(self._finish(out[row, prompt_len:], system, prompt_tokens, stops,
                                         settings.max_new_tokens, seconds, cancel))
         return results
@@ -290,10 +309,10 @@ class Engine:
                cancel: threading.Event | None = None) -> Iterator[str]:
         cancel = cancel or threading.Event()
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=300)
-        enc = self.tokenizer([prompt], return_tensors="pt").to(self.device)
+        enc = self.encode([prompt])
         criteria = StoppingCriteriaList([CancelOnEvent(cancel)])
         if stops:
-            criteria.append(StopOnStrings(self.tokenizer, stops, enc.input_ids.shape[1]))
+            criteria.append(StopOnStrings(self.tokenizer, stops, enc["input_ids"].shape[1]))
         errors = []
 
         def work():

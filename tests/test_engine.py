@@ -96,6 +96,46 @@ def test_lock_serialises_concurrent_adapter_switches(tiny_engine):
     assert all(out == reference[system] for system, out in results)
 
 
+def test_encode_left_pads_like_the_tokenizer_without_touching_its_shared_state(tiny_engine):
+    import copy
+
+    batch = ["short", "a much longer prompt than the first one", "mid length"]
+    reference = copy.deepcopy(tiny_engine.tokenizer)(batch, padding=True, return_tensors="pt")
+    enc = tiny_engine.encode(batch)
+    assert enc["input_ids"].tolist() == reference.input_ids.tolist()
+    assert enc["attention_mask"].tolist() == reference.attention_mask.tolist()
+    assert enc["attention_mask"][0, 0] == 0 and enc["attention_mask"][0, -1] == 1  # left padding
+    tiny_engine.generate(batch, BASE, GenerationSettings(max_new_tokens=2))
+    backend = tiny_engine.tokenizer.backend_tokenizer
+    assert backend.padding is None and backend.truncation is None
+
+
+def test_prompt_building_during_batched_generation_does_not_break_it(tiny_engine):
+    # Prompts are tokenized outside the model lock; with tokenizer(..., padding=True)
+    # this failed 7 of 40 batches ("Unable to create tensor").
+    stop, errors = threading.Event(), []
+
+    def count():
+        while not stop.is_set():
+            tiny_engine.count_tokens("some words " * 50)
+
+    counters = [threading.Thread(target=count) for _ in range(2)]
+    for t in counters:
+        t.start()
+    try:
+        for _ in range(20):
+            try:
+                tiny_engine.generate(["short", "a much longer dialogue " * 20, "mid " * 9], BASE,
+                                     GenerationSettings(max_new_tokens=1))
+            except ValueError as exc:
+                errors.append(exc)
+    finally:
+        stop.set()
+        for t in counters:
+            t.join()
+    assert not errors
+
+
 def test_stream_yields_growing_text_equal_to_generate(tiny_engine):
     messages = [{"role": "user", "content": "Hello there"}]
     settings = GenerationSettings(max_new_tokens=16)
