@@ -1,6 +1,9 @@
-"""End to end on the embedded Gemma 3 270M: conversion, cached reload, a real summary."""
+"""End to end on the embedded Gemma 3 270M: conversion, cached reload, a real summary;
+and the cache's self-check on a fake conversion."""
 
+import fcntl
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -10,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from phisum import embedded
+from phisum.config import CACHE_ENV
 
 slow = pytest.mark.slow
 
@@ -26,10 +30,10 @@ print("DONE", path, round(time.time() - t, 1))
 @slow
 def test_two_processes_convert_once_and_both_get_a_complete_cache(tmp_path):
     # Use the run's cache when it is still empty (CI), so the suite converts only once.
-    root = Path(os.environ.get(embedded.CACHE_ENV) or tmp_path / "cache")
+    root = Path(os.environ.get(CACHE_ENV) or tmp_path / "cache")
     if embedded.is_cached(root / "embedded" / embedded.cache_dir().name):
         root = tmp_path / "cache"
-    env = {**os.environ, embedded.CACHE_ENV: str(root)}
+    env = {**os.environ, CACHE_ENV: str(root)}
     procs = [subprocess.Popen([sys.executable, "-c", RACE], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent)
              for _ in range(2)]
@@ -39,6 +43,7 @@ def test_two_processes_convert_once_and_both_get_a_complete_cache(tmp_path):
     assert len(paths) == 1
     target = Path(paths.pop())
     assert (target / "model.safetensors").stat().st_size > 500e6 and (target / "tokenizer.json").exists()
+    assert embedded.cache_problem(target) is None, "the conversion records a manifest that its files match"
     assert not list(target.parent.glob("*.tmp-*")), "temporary folders must not be left behind"
     assert sum("waiting" in err for _, err in outs) == 1, "the second process waits for the first"
 
@@ -47,17 +52,18 @@ def test_two_processes_convert_once_and_both_get_a_complete_cache(tmp_path):
 def test_cached_engine_loads_fast_and_summarizes(monkeypatch):
     if not embedded.is_cached():
         embedded.ensure_cache(progress=False)
-    from phisum.engine import Engine
+    from phisum import inference
+    from phisum.backends import load_backend
     from phisum.generation import BASE, GenerationSettings
     from phisum.ui.common import load_samples
 
     t0 = time.perf_counter()
-    engine = Engine.load("embedded", adapters={}, progress=False)
+    backend = load_backend("embedded", "transformers", {}, progress=False)
     load_seconds = time.perf_counter() - t0
     assert load_seconds < 40, f"cached load took {load_seconds:.1f} s"
-    assert engine.info()["dtype"] == "bfloat16" and engine.packed_layers > 100
+    assert backend.describe()["dtype"] == "bfloat16" and backend.packed_layers > 100
     dialogue = load_samples()[0]["dialogue"]
-    out = engine.summarize([dialogue], BASE, GenerationSettings(max_new_tokens=40))[0]
+    out = inference.summarize(backend, [dialogue], BASE, GenerationSettings(max_new_tokens=40))[0]
     assert not out.empty and out.new_tokens > 0 and out.prompt_tokens > 50
 
 
@@ -65,11 +71,11 @@ def test_cached_engine_loads_fast_and_summarizes(monkeypatch):
 def test_app_on_the_embedded_profile_answers_through_its_api():
     from gradio_client import Client
 
-    from phisum.engine import Engine
+    from phisum.backends import load_backend
     from phisum.ui.common import load_samples
     from tests.app_server import serve
 
-    engine = Engine.load("embedded", progress=False)  # with whatever adapters are committed
+    engine = load_backend("embedded", "transformers", progress=False)  # with whatever adapters are committed
     with serve(engine) as (url, _):
         client = Client(url, verbose=False)
         base, base_stats, tuned, _, _, note = client.predict(load_samples()[1]["dialogue"], 48, False, 0.7, 0.9,
@@ -150,3 +156,146 @@ def test_write_fast_tokenizer_json_leaves_merges_with_spaces_alone(tmp_path):
     original = path.read_bytes()
     assert not embedded.write_fast_tokenizer_json(path)
     assert path.read_bytes() == original
+
+
+# The self-checking cache, on a fake conversion that writes small files in milliseconds.
+
+FAKE_MODEL_SIZE = 20 << 20  # over the whole-file limit, so the sampled checksum is what is tested
+
+
+def _fake_model_bytes() -> bytes:
+    block = bytes(range(256)) * 4096  # 1 MiB, a recognisable pattern
+    return (block * (FAKE_MODEL_SIZE // len(block) + 1))[:FAKE_MODEL_SIZE]
+
+
+@pytest.fixture
+def fake_cache(tmp_path, monkeypatch, caplog):
+    """ensure_cache() on a tmp PHISUM_CACHE_DIR with convert_gguf faked; returns the conversions made."""
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    calls = []
+
+    def fake_convert(out_dir, progress=True):
+        calls.append(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text('{"model_type": "gemma3_text"}\n')
+        (out_dir / "tokenizer.json").write_text(json.dumps({"model": {"merges": ["a b"] * 1000}}))
+        (out_dir / "model.safetensors").write_bytes(_fake_model_bytes())
+
+    monkeypatch.setattr(embedded, "convert_gguf", fake_convert)
+    caplog.set_level(logging.INFO, logger=embedded.__name__)
+    return calls
+
+
+def _warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_cache_records_a_manifest_and_a_good_cache_is_not_rebuilt(fake_cache, caplog):
+    path = embedded.ensure_cache(progress=False)
+    manifest = json.loads((path / "PHISUM_MANIFEST.json").read_text())
+    assert {name: entry["size"] for name, entry in manifest["files"].items()} == {
+        p.name: p.stat().st_size for p in path.iterdir() if not p.name.startswith("PHISUM_")}
+    assert embedded.cache_problem(path) is None
+    assert embedded.ensure_cache(progress=False) == path
+    assert len(fake_cache) == 1 and not _warnings(caplog)
+
+
+@pytest.mark.parametrize("name, offset, damage", [
+    ("model.safetensors", 5 * 2**20 + 123, os.urandom(2 * 2**20)),
+    ("model.safetensors", 7 * 2**20 + 4097, b"\0" * (48 * 2**10 + 1)),  # stride - block + 1, at an odd offset
+    ("model.safetensors", 100, b"\xff" * 8),
+    ("model.safetensors", FAKE_MODEL_SIZE - 10, b"\0" * 10),
+    ("tokenizer.json", 5000, b"#"),  # a small file is read whole
+], ids=["random-bytes-inside", "shortest-run-always-caught", "header", "tail", "one-byte-in-small-file"])
+def test_corrupted_cache_is_detected_and_rebuilt(fake_cache, caplog, name, offset, damage):
+    path = embedded.ensure_cache(progress=False)
+    good = (path / name).read_bytes()
+    assert good[offset:offset + len(damage)] != damage
+    with open(path / name, "r+b") as handle:
+        handle.seek(offset)
+        handle.write(damage)
+
+    assert embedded.ensure_cache(progress=False) == path
+    assert len(fake_cache) == 2, "rebuilt once"
+    assert (path / name).read_bytes() == good and embedded.cache_problem(path) is None
+    leftovers = sorted(p.name for p in path.parent.iterdir())
+    assert leftovers == [path.name, f"{path.name}.lock"], "no temporary or moved-aside folder is left"
+    (warning,) = _warnings(caplog)
+    assert f"{name} does not match its checksum (corrupted); rebuilding" in warning and "\n" not in warning
+
+
+def test_truncated_cache_file_is_rebuilt(fake_cache, caplog):
+    path = embedded.ensure_cache(progress=False)
+    os.truncate(path / "model.safetensors", FAKE_MODEL_SIZE // 2)
+    assert embedded.ensure_cache(progress=False) == path
+    assert len(fake_cache) == 2 and (path / "model.safetensors").stat().st_size == FAKE_MODEL_SIZE
+    (warning,) = _warnings(caplog)
+    assert f"model.safetensors is {FAKE_MODEL_SIZE // 2} bytes, expected {FAKE_MODEL_SIZE}" in warning
+
+
+@pytest.mark.parametrize("damage", ["missing file", "no manifest", "garbled manifest"])
+def test_cache_that_cannot_be_verified_is_rebuilt_once(fake_cache, caplog, damage):
+    path = embedded.ensure_cache(progress=False)
+    if damage == "missing file":
+        (path / "config.json").unlink()
+    elif damage == "no manifest":  # a cache written before manifests existed
+        (path / "PHISUM_MANIFEST.json").unlink()
+    else:
+        (path / "PHISUM_MANIFEST.json").write_text('{"files": {"model.safe')
+    embedded.ensure_cache(progress=False)
+    embedded.ensure_cache(progress=False)
+    assert len(fake_cache) == 2 and embedded.cache_problem(path) is None
+    (warning,) = _warnings(caplog)
+    expected = {"missing file": "config.json is missing", "no manifest": "older phisum",
+                "garbled manifest": "PHISUM_MANIFEST.json is unreadable"}[damage]
+    assert expected in warning and "rebuilding" in warning
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def test_stale_temp_folders_go_and_live_ones_stay(fake_cache, caplog):
+    folder = embedded.cache_dir().parent
+    name = embedded.cache_dir().name
+    sleeper = subprocess.Popen(["sleep", "120"])
+    try:
+        dead = folder / f"{name}.tmp-{_dead_pid()}"
+        moved_aside = folder / f"{name}.old-{_dead_pid()}"  # killed between the two renames of a rebuild
+        no_such_pid = folder / f"{name}.tmp-99999999999"  # beyond any pid_t: os.kill would overflow
+        old_format = folder / f"gemma3-270m-q4km-0123456789ab-v1.tmp-{_dead_pid()}"
+        live = folder / f"{name}.tmp-{sleeper.pid}"
+        reused = folder / f"{name}.tmp-{os.getpid()}"  # its pid number alive again, but hours old
+        for tmp in (dead, moved_aside, no_such_pid, old_format, live, reused):
+            (tmp / "sub").mkdir(parents=True)
+            (tmp / "sub" / "model.safetensors").write_bytes(b"half")
+        a_day_ago = time.time() - 24 * 3600
+        os.utime(reused, (a_day_ago, a_day_ago))
+
+        embedded.ensure_cache(progress=False)
+        assert not any(tmp.exists() for tmp in (dead, moved_aside, no_such_pid, old_format, reused))
+        assert live.exists(), "the temporary folder of a live conversion stays"
+        assert (folder / name / "model.safetensors").exists() and len(fake_cache) == 1
+        assert not _warnings(caplog)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    embedded.ensure_cache(progress=False)
+    assert not live.exists(), "gone at the next start once its process has died"
+
+
+def test_temp_folder_of_a_dead_pid_stays_while_its_lock_is_held(fake_cache):
+    # A conversion in another pid namespace (a container sharing the cache) has a pid
+    # that looks dead here; the lock it holds is what keeps its folder.
+    path = embedded.ensure_cache(progress=False)
+    tmp = path.with_name(f"{path.name}.tmp-{_dead_pid()}")
+    tmp.mkdir()
+    with open(path.with_name(f"{path.name}.lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        embedded.ensure_cache(progress=False)
+        assert tmp.exists()
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    embedded.ensure_cache(progress=False)
+    assert not tmp.exists() and len(fake_cache) == 1
