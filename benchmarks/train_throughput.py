@@ -1,21 +1,27 @@
-"""Trained tokens/s: trl SFTTrainer defaults vs phisum's completion-only CPU trainer.
+"""Trained tokens/s and peak memory: trl SFTTrainer defaults vs phisum's CPU trainer and its variants.
 
-Both variants train the same LoRA (same init) on the same base, rows, batches and
-steps, side by side in one process, so the RATIO is meaningful on a shared CPU.
-The per-step losses are printed next to each other: they must agree within bf16
-noise (the fast path changes how the loss is computed, not what it is).
+Every variant trains the same LoRA (same init) on the same base, rows, batches and
+steps, each in a FRESH process (so its peak RSS is its own and process-wide
+settings such as the allocator do not leak into the next), one after the other,
+so the RATIOS are meaningful on a shared CPU. Per-step losses are printed next to
+each other: they must agree within bf16 noise (the variants change how the loss
+is computed and when memory is freed, not what the loss is).
 
-The fast variant includes what `phisum train` does on a CPU before training,
-`keep_freed_memory()` (glibc keeps freed blocks instead of unmapping them). That
-setting is process-wide and cannot be undone, so trl's defaults run first; with
---tuned-baseline a third run times trl's defaults again after the setting, to show
-how much of the speed-up is the allocator and how much the trainer.
+Variants:
+  trl          trl's SFTTrainer with its defaults (activation checkpointing, full logits)
+  one-backward phisum's trainer with one backward per batch (all length groups' graphs
+               alive at once), eager attention, glibc keeping freed memory: the trainer
+               before per-group backward
+  phisum       the default: one forward+backward per length group (at most
+               max_group_tokens padded tokens), eager attention, glibc keeping freed memory
+  phisum-sdpa  the same with torch's scaled_dot_product_attention (no score matrices kept)
+  phisum-trim  the same as phisum, with glibc returning freed memory (no keep_freed_memory)
 
 Usage:
   python benchmarks/train_throughput.py                 # embedded Gemma 3 270M, real DialogSum rows
   python benchmarks/train_throughput.py --profile tiny  # seconds, for a smoke check
   python benchmarks/train_throughput.py --steps 4 --batch 8 --json out.json
-  python benchmarks/train_throughput.py --tuned-baseline   # + trl defaults with the allocator setting
+  python benchmarks/train_throughput.py --variants one-backward,phisum   # a subset (trl is slow)
 """
 
 from __future__ import annotations
@@ -28,34 +34,60 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+VARIANTS = {  # name -> (label, fast trainer, trainer kwargs, attention, keep freed memory)
+    "trl": ("trl SFTTrainer defaults", False, {}, None, False),
+    "one-backward": ("phisum, one backward per batch", True, {"max_group_tokens": None}, "eager", True),
+    "phisum": ("phisum fast CPU path", True, {}, "eager", True),
+    "phisum-sdpa": ("phisum, sdpa attention", True, {}, "sdpa", True),
+    "phisum-trim": ("phisum, freed memory returned", True, {}, "eager", False),
+}
 
-def run_variant(fast: bool, profile, rows, args, workdir: Path) -> dict:
+
+def run_variant(name: str, args) -> dict:
+    """One variant in this (fresh) process."""
     import torch
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model
     from trl import SFTConfig, SFTTrainer
 
+    from benchmarks._util import peak_rss_mb
+    from phisum.data import load_dialogsum
     from phisum.fast_trainer import CompletionOnlySFTTrainer, ThroughputCallback, keep_freed_memory
     from phisum.models import load_base
+    from phisum.profiles import PROFILES
+    from phisum.tasks import TASKS
 
-    if fast:
+    _, fast, trainer_kwargs, attention, keep = VARIANTS[name]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if keep:
         keep_freed_memory()  # what phisum.training.choose_fast_path does on CPU
+    profile = PROFILES[args.profile]
     model, tokenizer = load_base(profile, dtype=torch.float32, device="cpu", progress=False)
-    if fast:
-        model.set_attn_implementation("eager")  # what phisum.training.choose_fast_path picks on CPU
-    torch.manual_seed(0)  # identical LoRA init in both variants
+    train, _ = load_dialogsum(args.data, "train")
+    rows = TASKS["dialogsum"].examples(train, tokenizer.eos_token)
+    if args.rows == "longest":  # the batches that set a recipe's peak memory (length-grouped sampling runs them)
+        rows.sort(key=lambda r: -len(r["prompt"]) - len(r["completion"]))
+    # spare rows: trl drops those whose prompt fills max_length (many, with the tiny byte tokenizer)
+    rows = rows[: args.steps * args.batch * 3]
+    if attention:
+        model.set_attn_implementation(attention)
+    torch.manual_seed(0)  # identical LoRA init in every variant
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, task_type="CAUSAL_LM",
                                              target_modules=list(profile.lora_target_modules)))
-    config = dict(output_dir=str(workdir / ("fast" if fast else "trl")), max_steps=args.steps, report_to="none",
+    config = dict(output_dir=str(Path(args.workdir) / name), max_steps=args.steps, report_to="none",
                   per_device_train_batch_size=args.batch, learning_rate=2e-4, logging_steps=1, save_strategy="no",
                   use_cpu=True, bf16=True, max_length=768, train_sampling_strategy="sequential",
                   disable_tqdm=True, seed=0)
     if fast:
         config["gradient_checkpointing"] = False  # everything else stays at trl's defaults
     meter = ThroughputCallback()
+    extra = dict(trainer_kwargs) if fast else {}
+    if fast and args.max_group_tokens and "max_group_tokens" not in extra:
+        extra["max_group_tokens"] = args.max_group_tokens
     cls = CompletionOnlySFTTrainer if fast else SFTTrainer
     trainer = cls(model=model, args=SFTConfig(**config), train_dataset=Dataset.from_list(rows),
-                  processing_class=tokenizer, callbacks=[meter])
+                  processing_class=tokenizer, callbacks=[meter], **extra)
     batches = list(trainer.get_train_dataloader())[:args.steps]
     if len(batches) < args.steps:  # trl drops rows whose prompt fills max_length
         raise SystemExit(f"only {len(batches)} batches of {args.batch} fit max_length 768; "
@@ -66,7 +98,8 @@ def run_variant(fast: bool, profile, rows, args, workdir: Path) -> dict:
     tokens = sum(int(b["attention_mask"].sum()) for b in batches[1:])
     seconds = sum(meter.step_seconds[1:])
     return {"tokens": tokens, "seconds": seconds, "tokens_per_second": tokens / seconds,
-            "first_step_seconds": meter.step_seconds[0], "losses": losses}
+            "first_step_seconds": meter.step_seconds[0], "losses": losses, "peak_rss_mb": peak_rss_mb(),
+            "threads": torch.get_num_threads()}
 
 
 def main() -> int:
@@ -75,49 +108,68 @@ def main() -> int:
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "dialogsum"))
     parser.add_argument("--steps", type=int, default=4, help="the first one is a warm-up, not timed")
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--rows", choices=("longest", "first"), default="longest",
+                        help="longest: the longest training rows (peak memory); first: rows in file order")
+    parser.add_argument("--max-group-tokens", type=int, default=None,
+                        help="padded tokens per forward+backward for the per-group variants (default: the trainer's)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per variant (default torch's)")
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help=f"comma-separated, run in this order (default all: {','.join(VARIANTS)})")
     parser.add_argument("--json", default=None, help="also write the results here")
-    parser.add_argument("--tuned-baseline", action="store_true",
-                        help="also time trl's defaults after the fast path's allocator setting")
+    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one variant, print JSON
+    parser.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.steps < 2:
         parser.error("--steps must be at least 2 (the first step is an untimed warm-up)")
-    import tempfile
-
-    from phisum.data import dialogsum_examples, load_dialogsum
-    from phisum.models import load_base
-    from phisum.profiles import PROFILES
-
-    profile = PROFILES[args.profile]
+    names = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in names if v not in VARIANTS]
+    if unknown or not names:
+        parser.error(f"unknown variant {unknown[0] if unknown else '(none)'}; choose from {', '.join(VARIANTS)}")
     if not Path(args.data).exists():
         print(f"DialogSum not found at {args.data} (see ../shared/data/README.md)", file=sys.stderr)
         return 2
-    _, tokenizer = load_base(profile, device="cpu", progress=False)
-    train, report = load_dialogsum(args.data, "train")
-    # spare rows: trl drops those whose prompt fills max_length (many, with the tiny byte tokenizer)
-    rows = dialogsum_examples(train[: args.steps * args.batch * 3], tokenizer.eos_token)
-    print(f"{profile.base_model}: {report.summary()}; {args.steps} steps of batch {args.batch}", file=sys.stderr)
+    from benchmarks._util import RESULT_TAG, load_line
+
+    if args.one:
+        print(RESULT_TAG + json.dumps(run_variant(args.one, args)))
+        return 0
+    import subprocess
+    import tempfile
+
+    print(f"{args.profile}: {args.steps} steps of batch {args.batch} DialogSum rows ({args.rows}); {load_line()}",
+          flush=True)
+    results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        slow = run_variant(False, profile, rows, args, Path(tmp))  # first: before the allocator setting
-        fast = run_variant(True, profile, rows, args, Path(tmp))
-        tuned = run_variant(False, profile, rows, args, Path(tmp)) if args.tuned_baseline else None
-    print(f"{'variant':<36}{'tokens/s':>10}{'seconds':>10}   losses per step")
-    named = [("trl SFTTrainer defaults", slow), ("phisum fast CPU path", fast)]
-    if tuned:
-        named.append(("trl defaults + keep_freed_memory", tuned))
-    for name, r in named:
-        print(f"{name:<36}{r['tokens_per_second']:>10.1f}{r['seconds']:>10.1f}   "
-              + " ".join(f"{x:.4f}" for x in r["losses"]))
-    ratio = fast["tokens_per_second"] / slow["tokens_per_second"]
-    gap = max(abs(a - b) for a, b in zip(fast["losses"], slow["losses"]))
-    print(f"speed-up: {ratio:.1f}x (goal 12x: {'MET' if ratio >= 12 else 'NOT MET'}); "
-          f"largest per-step loss difference {gap:.4f}")
-    if tuned:
-        print(f"trainer alone, both with the allocator setting: "
-              f"{fast['tokens_per_second'] / tuned['tokens_per_second']:.1f}x")
+        for name in names:
+            command = [sys.executable, __file__, "--one", name, "--workdir", tmp, "--profile", args.profile,
+                       "--data", args.data, "--steps", str(args.steps), "--batch", str(args.batch), "--rows", args.rows]
+            if args.threads:
+                command += ["--threads", str(args.threads)]
+            if args.max_group_tokens:
+                command += ["--max-group-tokens", str(args.max_group_tokens)]
+            proc = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+            line = next((x for x in proc.stdout.splitlines() if x.startswith(RESULT_TAG)), None)
+            if line is None:
+                print(f"variant {name} failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}", file=sys.stderr)
+                return 1
+            results[name] = json.loads(line[len(RESULT_TAG):])
+    print(f"{'variant':<36}{'tokens/s':>10}{'seconds':>10}{'peak RSS MB':>13}   losses per step")
+    for name, r in results.items():
+        print(f"{VARIANTS[name][0]:<36}{r['tokens_per_second']:>10.1f}{r['seconds']:>10.1f}"
+              f"{r['peak_rss_mb']:>13.0f}   " + " ".join(f"{x:.4f}" for x in r["losses"]))
+    print(load_line())
+    base = results.get("phisum")
+    for name, r in results.items():
+        if name != "phisum" and base:
+            print(f"phisum vs {name}: {base['tokens_per_second'] / r['tokens_per_second']:.2f}x tokens/s, "
+                  f"{base['peak_rss_mb'] / r['peak_rss_mb']:.2f}x peak RSS")
+    if len(results) > 1:
+        first = next(iter(results.values()))
+        gap = max(abs(a - b) for r in results.values() for a, b in zip(r["losses"], first["losses"]))
+        print(f"largest per-step loss difference {gap:.4f}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"profile": profile.name, "steps": args.steps, "batch": args.batch,
-                                               "trl_default": slow, "fast": fast, "trl_default_tuned": tuned,
-                                               "speedup": ratio, "max_loss_gap": gap}, indent=2))
+        Path(args.json).write_text(json.dumps({"profile": args.profile, "steps": args.steps, "batch": args.batch,
+                                               "results": results}, indent=2))
     return 0
 
 

@@ -79,79 +79,121 @@ def store_frozen_linears_in_bf16(model) -> int:
 class CompletionOnlySFTTrainer(SFTTrainer):
     """SFTTrainer whose loss computes the LM head only where labels != -100."""
 
-    def __init__(self, *args, autocast_bf16: bool = True, unpad_overhead_tokens: int | None = 64, **kwargs):
+    def __init__(self, *args, autocast_bf16: bool = True, unpad_overhead_tokens: int | None = 64,
+                 max_group_tokens: int | None = 768, **kwargs):
         super().__init__(*args, **kwargs)
         self.autocast_bf16 = autocast_bf16
         self.unpad_overhead_tokens = unpad_overhead_tokens  # None: one forward over the padded batch
+        self.max_group_tokens = max_group_tokens  # None: one backward per batch (all groups' graphs alive)
         if autocast_bf16 and self.args.device.type == "cpu":
             store_frozen_linears_in_bf16(self.model)
         self.trained_tokens = 0  # tokens through forward+backward on this rank
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        mode = "train" if model.training else "eval"
+        """The whole batch's loss in one graph (evaluation, and training under DDP)."""
+        labels = inputs["labels"]
+        count = self._loss_denominator(labels, num_items_in_batch)
+        loss = sum(self._group_loss(model, inputs, rows, length) for rows, length in
+                   self.length_groups(inputs["input_ids"], inputs.get("attention_mask"))) / count
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes  # DDP averages gradients; undo it like trl does
+        if model.training:
+            self._count_trained_tokens(inputs)
+        return (loss, {"loss": loss}) if return_outputs else loss
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """Forward and backward one length group at a time.
+
+        Each group's activations are freed by its own backward, so peak memory follows the
+        largest group (at most `max_group_tokens` padded tokens), not the batch; gradients
+        add up across groups exactly as across accumulation steps. DDP keeps one backward
+        per step (its gradient hooks fire once), so it goes through compute_loss."""
+        if self.accelerator.num_processes > 1 or self.max_group_tokens is None:
+            return super().training_step(model, inputs, num_items_in_batch)
+        model.train()
+        if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
+            self.optimizer.train()
+        inputs = self._prepare_inputs(inputs)
+        count = self._loss_denominator(inputs["labels"], num_items_in_batch)
+        if num_items_in_batch is None:  # a per-batch mean: scale for accumulation like Trainer does
+            count = count * self.current_gradient_accumulation_steps
+        total = torch.zeros((), device=inputs["input_ids"].device)
+        for rows, length in self.length_groups(inputs["input_ids"], inputs.get("attention_mask")):
+            with self.compute_loss_context_manager():
+                loss = self._group_loss(model, inputs, rows, length) / count
+            self.accelerator.backward(loss)
+            total += loss.detach()
+        self._count_trained_tokens(inputs)
+        return total
+
+    def _loss_denominator(self, labels, num_items_in_batch):
+        """trl's: tokens in the accumulated batch when given, else this batch's completion tokens."""
+        if num_items_in_batch is not None:
+            return torch.as_tensor(num_items_in_batch, device=labels.device).clamp(min=1)
+        return (labels[:, 1:] != -100).sum().clamp(min=1)
+
+    def _group_loss(self, model, inputs, rows, length):
+        """Summed cross-entropy of one group of rows, trimmed to `length` tokens."""
         labels = inputs["labels"]
         attention_mask = inputs.get("attention_mask")
         head = output_head(model)
         device = inputs["input_ids"].device.type
         autocast = (torch.autocast(device_type=device, dtype=torch.bfloat16)
                     if self.autocast_bf16 and device == "cpu" else nullcontext())
-        logits, targets = [], []
-        for rows, length in self.length_groups(inputs["input_ids"], attention_mask):
-            ids, sub_labels = inputs["input_ids"][rows, :length], labels[rows, :length]
-            sub_mask = attention_mask[rows, :length] if attention_mask is not None else None
-            shifted = sub_labels[:, 1:]
-            positions = shifted != -100
+        ids, sub_labels = inputs["input_ids"][rows, :length], labels[rows, :length]
+        sub_mask = attention_mask[rows, :length] if attention_mask is not None else None
+        shifted = sub_labels[:, 1:]
+        positions = shifted != -100
 
-            def gather_completion_states(module, args, positions=positions):
-                # (batch, seq, hidden) -> (completion tokens, hidden): the head sees only those rows.
-                return (args[0][:, :-1][positions],)
+        def gather_completion_states(module, args):
+            # (batch, seq, hidden) -> (completion tokens, hidden): the head sees only those rows.
+            return (args[0][:, :-1][positions],)
 
-            handle = head.register_forward_pre_hook(gather_completion_states)
-            try:
-                with autocast:
-                    outputs = model(input_ids=ids, attention_mask=sub_mask, use_cache=False)
-            finally:
-                handle.remove()
-            logits.append(outputs.logits.float())  # model-side softcapping (Gemma) already applied
-            targets.append(shifted[positions])
-        logits, targets = torch.cat(logits), torch.cat(targets)
-        loss = F.cross_entropy(logits, targets, reduction="sum")
-        count = len(targets) if num_items_in_batch is None else num_items_in_batch
-        loss = loss / torch.as_tensor(count, device=loss.device).clamp(min=1)
-        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-            loss = loss * self.accelerator.num_processes  # DDP averages gradients; undo it like trl does
-        if mode == "train":
-            tokens = int(attention_mask.sum()) if attention_mask is not None else labels.numel()
-            self.trained_tokens += tokens
-            self._total_train_tokens += tokens * self.accelerator.num_processes
-            self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
-        return (loss, {"loss": loss}) if return_outputs else loss
+        handle = head.register_forward_pre_hook(gather_completion_states)
+        try:
+            with autocast:
+                outputs = model(input_ids=ids, attention_mask=sub_mask, use_cache=False)
+        finally:
+            handle.remove()
+        # model-side softcapping (Gemma) is already applied to these logits
+        return F.cross_entropy(outputs.logits.float(), shifted[positions], reduction="sum")
+
+    def _count_trained_tokens(self, inputs) -> None:
+        attention_mask = inputs.get("attention_mask")
+        tokens = int(attention_mask.sum()) if attention_mask is not None else inputs["labels"].numel()
+        self.trained_tokens += tokens
+        self._total_train_tokens += tokens * self.accelerator.num_processes
+        self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
 
     def length_groups(self, input_ids, attention_mask) -> list[tuple[torch.Tensor, int]]:
         """(row indices, length) per forward pass: the batch split so that little compute goes to padding.
 
         A collated batch is padded to its longest row; on a CPU every pad token costs as much
         as a real one. Rows are cut into groups of similar length, each trimmed to its own
-        longest row. All groups' graphs are alive until the one backward, so memory is that of
-        the batch minus its padding. Only for right-padded batches in a single process: DDP
-        allows one forward per backward."""
+        longest row and holding at most `max_group_tokens` padded tokens (a longer row goes
+        alone), which bounds the activations training_step keeps alive at once. Only for
+        right-padded batches in a single process: DDP allows one forward per backward."""
         whole = [(torch.arange(input_ids.shape[0]), input_ids.shape[1])]
         if attention_mask is None or self.unpad_overhead_tokens is None or self.accelerator.num_processes > 1 \
                 or not bool(attention_mask[:, 0].all()):
             return whole
         lengths = attention_mask.sum(dim=1).tolist()
         return [(torch.tensor(rows), max(lengths[r] for r in rows))
-                for rows in plan_length_groups(lengths, self.unpad_overhead_tokens)]
+                for rows in plan_length_groups(lengths, self.unpad_overhead_tokens, self.max_group_tokens)]
 
 
-def plan_length_groups(lengths: list[int], overhead_tokens: int) -> list[list[int]]:
+def plan_length_groups(lengths: list[int], overhead_tokens: int, max_tokens: int | None = None) -> list[list[int]]:
     """Rows sorted by length and cut into consecutive groups minimising padded tokens plus
-    `overhead_tokens` per extra forward pass (op dispatch, smaller matmuls); exact DP."""
+    `overhead_tokens` per extra forward pass (op dispatch, smaller matmuls); exact DP.
+    A group of several rows holds at most `max_tokens` padded tokens."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     best, cut = [0] + [float("inf")] * len(order), [0] * (len(order) + 1)
     for end in range(1, len(order) + 1):
         for begin in range(end):
-            cost = best[begin] + (end - begin) * lengths[order[end - 1]] + overhead_tokens
+            padded = (end - begin) * lengths[order[end - 1]]
+            if max_tokens is not None and end - begin > 1 and padded > max_tokens:
+                continue
+            cost = best[begin] + padded + overhead_tokens
             if cost < best[end]:
                 best[end], cut[end] = cost, begin
     groups, end = [], len(order)
@@ -162,13 +204,15 @@ def plan_length_groups(lengths: list[int], overhead_tokens: int) -> list[list[in
 
 
 class ThroughputCallback(TrainerCallback):
-    """Wall time of the training loop (without evaluation) for a tokens/s figure."""
+    """Wall time of the training loop (without evaluation) for a tokens/s figure, and, every
+    `every` steps, one progress line with the rate and an ETA: a background run's log then
+    says how far it is and when it will end (tqdm's bar is unreadable in a log file)."""
 
-    def __init__(self):
+    def __init__(self, every: int = 0, log=None):
         self.step_seconds: list[float] = []
-        self.eval_seconds = 0.0
+        self.every, self.log = every, log
         self._step_start = None
-        self._eval_start = None
+        self._first_step = None
 
     @property
     def train_seconds(self) -> float:
@@ -176,16 +220,27 @@ class ThroughputCallback(TrainerCallback):
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._step_start = time.perf_counter()
+        if self._first_step is None:
+            self._first_step = state.global_step  # a resumed run starts past 0
 
     def on_step_end(self, args, state, control, **kwargs):
         if self._step_start is not None:
             self.step_seconds.append(time.perf_counter() - self._step_start)
             self._step_start = None
+        if self.every and self.log and state.global_step % self.every == 0:
+            self.log(progress_line(state.global_step, state.max_steps, self.step_seconds))
 
-    def on_prediction_step(self, args, state, control, **kwargs):
-        self._eval_start = self._eval_start or time.perf_counter()
 
-    def on_evaluate(self, args, state, control, **kwargs):
-        if self._eval_start is not None:
-            self.eval_seconds += time.perf_counter() - self._eval_start
-            self._eval_start = None
+def progress_line(step: int, total: int, step_seconds: list[float]) -> str:
+    """'step 120/1558 (7.7%), 4.1 s/step, trained 8:12, ETA 1:38:20' from the recent step times."""
+    recent = step_seconds[-50:]
+    per_step = sum(recent) / len(recent) if recent else 0.0
+    left = max(total - step, 0) * per_step
+
+    def clock(seconds: float) -> str:
+        seconds = int(seconds)
+        return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+    share = f" ({100 * step / total:.1f}%)" if total else ""
+    return (f"step {step}/{total}{share}, {per_step:.1f} s/step, trained {clock(sum(step_seconds))}, "
+            f"ETA {clock(left)}")
