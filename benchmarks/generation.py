@@ -1,4 +1,4 @@
-"""Generation speed of the engine on CPU: decode tokens/s, batching, time to first token.
+"""Generation speed of the transformers backend on CPU: decode tokens/s, batching, time to first token.
 
 Usage:
   python benchmarks/generation.py                      # embedded Gemma 3 270M, ~3 min
@@ -6,14 +6,19 @@ Usage:
   python benchmarks/generation.py --threads 1          # when other jobs load the CPU
   python benchmarks/generation.py --profile tiny --quick
 
-Every comparison loads its variants side by side and runs them interleaved
-(A, B, A, B, ...) so drift from other work on the shared CPU cancels; the table
-shows medians and the ratio. Decode rate = batch * (N - 1) / (t(N) - t(1)):
-prefill is subtracted by also timing a 1-token run. Those runs call
-`engine.model.generate` under `engine.lock` with `eos_token_id=-1`, so every row
-generates exactly N tokens (the engine exposes no EOS override, and
-min_new_tokens would add logits-processing time). The "app path" row goes
-through `engine.generate` unchanged and counts the tokens actually generated.
+The variants are `TransformersBackend.load(profile, adapters={}, dtype=...,
+fast_cpu=...)`: the CPU fast path (prepacked oneDNN bf16 linears + fused Gemma
+RMSNorm) against plain bf16, and bf16 against fp32. Every comparison loads its
+variants side by side and runs them interleaved (A, B, A, B, ...) so drift from
+other work on the shared CPU cancels; the table shows medians and the ratio.
+Decode rate = batch * (N - 1) / (t(N) - t(1)): prefill is subtracted by also
+timing a 1-token run. Those runs call `backend.model.generate` under
+`backend.lock` with `eos_token_id=-1`, so every row generates exactly N tokens
+(the backend contract has no EOS override, and min_new_tokens would add
+logits-processing time). The first streamed text comes from `backend.stream`.
+The "app path" table goes through what the app calls, `inference.summarize`
+(which fits the DialogSum prompts and calls `backend.generate` with the task's
+stops), and counts the tokens actually generated.
 """
 
 from __future__ import annotations
@@ -50,49 +55,53 @@ def main(argv=None) -> int:
     import transformers
     from tqdm.auto import tqdm
 
-    from phisum.engine import Engine
-    from phisum.generation import GenerationSettings
-    from phisum.prompts import dialogsum_prompt
+    from phisum import inference
+    from phisum.backends.hf import TransformersBackend
+    from phisum.generation import BASE, GenerationSettings
+    from phisum.profiles import get_profile
+    from phisum.tasks import TASKS
 
     if args.threads:
         torch.set_num_threads(args.threads)
     transformers.logging.set_verbosity_error()  # eos_token_id=-1 is deliberate (see docstring)
     print(f"profile {args.profile}, torch {torch.__version__}, {torch.get_num_threads()} threads; {load_line()}")
-    engines = {
-        "bf16 fast": Engine.load(args.profile, adapters={}, dtype="bf16", fast_cpu=True, progress=False),
-        "bf16 plain": Engine.load(args.profile, adapters={}, dtype="bf16", fast_cpu=False, progress=False),
-        "fp32": Engine.load(args.profile, adapters={}, dtype="fp32", fast_cpu=True, progress=False),
+    profile = get_profile(args.profile)
+    task = TASKS["dialogsum"]
+    backends = {
+        "bf16 fast": TransformersBackend.load(profile, adapters={}, dtype="bf16", fast_cpu=True, progress=False),
+        "bf16 plain": TransformersBackend.load(profile, adapters={}, dtype="bf16", fast_cpu=False, progress=False),
+        "fp32": TransformersBackend.load(profile, adapters={}, dtype="fp32", fast_cpu=True, progress=False),
     }
-    print(f"packed layers in 'bf16 fast': {engines['bf16 fast'].packed_layers}")
+    print(f"packed layers in 'bf16 fast': {backends['bf16 fast'].packed_layers}")
     dialogues, source = load_dialogues(max(batches + [8]))
-    prompts = [dialogsum_prompt(d) for d in dialogues]
+    prompts = [task.prompt(d) for d in dialogues]
     print(f"prompts: DialogSum prompt on dialogues from {source}")
 
-    def run(engine, batch, new_tokens):
-        enc = engine.encode(prompts[:batch])
-        with engine.lock, torch.inference_mode(), Timer() as timer:
-            out = engine.model.generate(**enc, max_new_tokens=new_tokens, do_sample=False, eos_token_id=-1,
-                                        pad_token_id=engine.tokenizer.pad_token_id,
-                                        temperature=None, top_p=None, top_k=None)
+    def run(backend, batch, new_tokens):
+        enc = backend.encode(prompts[:batch])
+        with backend.lock, torch.inference_mode(), Timer() as timer:
+            out = backend.model.generate(**enc, max_new_tokens=new_tokens, do_sample=False, eos_token_id=-1,
+                                         pad_token_id=backend.tokenizer.pad_token_id,
+                                         temperature=None, top_p=None, top_k=None)
         return timer.seconds, out[:, enc["input_ids"].shape[1]:]
 
     def decode_rates(cases, rounds):
-        """cases: {label: (engine, batch)} -> ({label: [tok/s]}, {label: [prefill s]}, {label: last ids})."""
+        """cases: {label: (backend, batch)} -> ({label: [tok/s]}, {label: [prefill s]}, {label: last ids})."""
         rates, prefill, ids = {k: [] for k in cases}, {k: [] for k in cases}, {}
         n = args.new_tokens
         for _ in tqdm(range(rounds), desc="rounds", leave=False):
-            for label, (engine, batch) in cases.items():
-                first, _ = run(engine, batch, 1)
-                full, ids[label] = run(engine, batch, n)
+            for label, (backend, batch) in cases.items():
+                first, _ = run(backend, batch, 1)
+                full, ids[label] = run(backend, batch, n)
                 prefill[label].append(first)
                 rates[label].append(batch * (n - 1) / max(full - first, 1e-9))
         return rates, prefill, ids
 
-    for engine in engines.values():  # warm-up: first calls allocate and pick kernels
-        run(engine, 1, 2)
+    for backend in backends.values():  # warm-up: first calls allocate and pick kernels
+        run(backend, 1, 2)
 
     rounds = args.iterations
-    rates, prefill, ids = decode_rates({k: (e, 1) for k, e in engines.items()}, rounds)
+    rates, prefill, ids = decode_rates({k: (b, 1) for k, b in backends.items()}, rounds)
     med = {k: median(v) for k, v in rates.items()}
     same = torch.equal(ids["bf16 fast"], ids["bf16 plain"])
     rows = [
@@ -105,7 +114,7 @@ def main(argv=None) -> int:
     print_table(f"Batch-1 decode tokens/s (median of {rounds}, {args.new_tokens} new tokens, prefill excluded)",
                 ["comparison", "A tok/s", "B tok/s", "B/A", "goal", "verdict"], rows)
 
-    fast = engines["bf16 fast"]
+    fast = backends["bf16 fast"]
     rates, prefill, _ = decode_rates({b: (fast, b) for b in batches}, rounds)
     base = median(rates[1])
     rows = [[b, median(rates[b]), median(rates[b]) / base, median(prefill[b])] for b in batches]
@@ -117,7 +126,7 @@ def main(argv=None) -> int:
     ttft, stream_first = [], []
     for _ in range(rounds):
         t0 = time.perf_counter()
-        stream = fast.stream(prompts[0], "base", settings)
+        stream = fast.stream(prompts[0], BASE, settings, task.stops)
         for piece in stream:
             if piece:
                 break
@@ -126,15 +135,16 @@ def main(argv=None) -> int:
         ttft.append(run(fast, 1, 1)[0])
     print_table("Time to first token, batch 1, bf16 fast (median seconds)", ["measure", "seconds"],
                 [["prefill + 1 token (model.generate)", median(ttft)],
-                 ["first visible text (engine.stream)", median(stream_first)]])
+                 ["first visible text (backend.stream)", median(stream_first)]])
 
     app = {1: [], 8: []}
     for _ in range(rounds):
         for batch, rates_b in app.items():
             with Timer() as timer:
-                outs = fast.generate(prompts[:8], "base", settings, batch_size=batch)
+                outs = inference.summarize(fast, dialogues[:8], BASE, settings, task, batch_size=batch)
             rates_b.append(sum(o.new_tokens for o in outs) / timer.seconds)
-    print_table("App path: engine.generate on 8 prompts, stops at EOS (generated tokens/s, median)",
+    print_table("App path: inference.summarize -> backend.generate on 8 dialogues, stops at EOS or the task's "
+                "stop (generated tokens/s, median)",
                 ["batch_size", "tok/s", "x batch-1"],
                 [[b, median(v), median(v) / median(app[1])] for b, v in app.items()])
     print(f"\nafter: {load_line()}")

@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from phisum.profiles import Profile
+from phisum.profiles import ROOT, Profile
 
 ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors", "README.md", "*.json", "*.md", "*.png", "*.yaml"]
 
@@ -18,6 +18,21 @@ DOWNLOAD_FAILURES = {
     "OfflineModeIsEnabled": "HF_HUB_OFFLINE is set and the adapter is not in the local cache",
     "LocalEntryNotFoundError": "the Hub is unreachable and the adapter is not in the local cache",
 }
+
+
+def adapter_display(path: str) -> str:
+    """An adapter's source as shown to users: repo-relative, home as ~, never another absolute path."""
+    resolved = Path(path).expanduser()
+    if not resolved.is_absolute():
+        return str(path)
+    try:
+        return str(resolved.resolve().relative_to(ROOT))
+    except ValueError:
+        pass
+    try:
+        return "~/" + str(resolved.relative_to(Path.home()))
+    except ValueError:
+        return resolved.name  # a folder elsewhere on the server: its name only
 
 
 class AdapterError(Exception):
@@ -44,12 +59,16 @@ def resolve_adapter(source: AdapterSource, token: str | None = None) -> Path:
     local = Path(source.source).expanduser()
     if local.exists():
         if not local.is_dir():
-            raise AdapterError(f"adapter {source.name!r}: {local} is a file; expected an adapter folder")
+            raise AdapterError(f"adapter {source.name!r}: {adapter_display(str(local))} is a file; "
+                               "expected an adapter folder")
         return local
     looks_like_repo = source.source.count("/") == 1 and not source.source.startswith((".", "/", "~"))
     if not looks_like_repo:
-        raise AdapterError(f"adapter {source.name!r} not found at {local} (train it with `python -m phisum train` "
-                           f"or point PHISUM_ADAPTER_{source.name.upper()} at a folder or Hub repo id)")
+        from phisum.config import adapter_env_name
+
+        raise AdapterError(f"adapter {source.name!r} not found at {adapter_display(str(local))} (train it with "
+                           f"`python -m phisum train` or point {adapter_env_name(source.name)} at a folder or "
+                           "Hub repo id)")
     from huggingface_hub import snapshot_download
 
     try:
@@ -66,15 +85,16 @@ def check_adapter(path: Path, profile: Profile, name: str = "adapter") -> dict:
     """Refuse pickled weights and adapters trained on another base. Returns the config."""
     config_file = path / "adapter_config.json"
     if not config_file.exists():
-        raise AdapterError(f"{name}: {path} has no adapter_config.json; is it a peft adapter folder?")
+        raise AdapterError(f"{name}: {adapter_display(str(path))} has no adapter_config.json; "
+                           "is it a peft adapter folder?")
     if not (path / "adapter_model.safetensors").exists():
         pickled = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
         extra = f" (found {', '.join(pickled)}: pickled weights are not loaded)" if pickled else ""
-        raise AdapterError(f"{name}: {path} has no adapter_model.safetensors{extra}")
+        raise AdapterError(f"{name}: {adapter_display(str(path))} has no adapter_model.safetensors{extra}")
     try:
         config = json.loads(config_file.read_text())
     except json.JSONDecodeError as exc:
-        raise AdapterError(f"{name}: {config_file} is not valid JSON ({exc.msg})") from None
+        raise AdapterError(f"{name}: {adapter_display(str(config_file))} is not valid JSON ({exc.msg})") from None
     recorded = config.get("base_model_name_or_path")
     if not profile.accepts_base(recorded):
         raise AdapterError(f"{name}: built for base model {recorded!r}, but the {profile.name} profile runs "

@@ -1,15 +1,17 @@
 """`python -m phisum <command>`: one entry point for inference, training, evaluation and publishing.
 
-  summarize  FILE|-            summarise a dialogue (base, an adapter, or both side by side)
+  summarize  FILE|-            summarise a text (base, an adapter, or two systems side by side)
   chat                         streaming terminal chat with the oasst adapter
-  info                         profile, device, dtype and adapters found
+  info                         profile, backend, adapters found, and why
   train      --config X.yaml   fine-tune from a recipe (any key overridable: --max_steps 10)
-  evaluate   --task dialogsum  before/after ROUGE report
+  evaluate   --task dialogsum  before/after report (ROUGE, MiniLM cosine, paired bootstrap)
+  export-gguf --adapter DIR    adapter as a llama.cpp GGUF LoRA (--out FILE.gguf)
   push       --adapter DIR     adapter + model card to the Hub
   deploy-space                 upload this Space
 
-Global options go before the command: --profile {auto,phi2,embedded,tiny}
-(or PHISUM_PROFILE), --adapter NAME=PATH|REPO[@REV] (repeatable), --bits {4,8}.
+Global options, before or after the command: --profile {auto,phi2,embedded,tiny},
+--backend {auto,transformers,llamacpp,openai}, --base-url URL, --adapter-source NAME=PATH|REPO[@REV]
+(repeatable), --bits {4,8}, --threads N. Environment: see phisum/config.py.
 """
 
 from __future__ import annotations
@@ -26,31 +28,37 @@ DELEGATED = {
     "evaluate": "phisum.evaluation_cli",
     "push": "phisum.hub",
     "deploy-space": "phisum.space",
+    "export-gguf": "phisum.gguf_export",
 }
+MAX_INPUT_BYTES = 4 << 20  # far above any context the profiles allow; stops /dev/zero and endless pipes
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from phisum.config import add_backend_options
+    from phisum.tasks import TASKS, summarization_tasks
+
     parser = argparse.ArgumentParser(prog="python -m phisum", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--profile", default=None, help="auto (default), phi2, embedded or tiny")
-    parser.add_argument("--adapter-source", action="append", default=[], metavar="NAME=SOURCE",
-                        help="load adapter NAME from a folder or Hub repo id[@revision]")
-    parser.add_argument("--bits", type=int, choices=(4, 8), default=None, help="load the base quantized")
+    add_backend_options(parser)
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("summarize", help="summarise a dialogue file (or - for stdin)")
-    s.add_argument("file", help="text file with the dialogue, or - to read stdin")
-    s.add_argument("--adapter", default="dialogsum", help="adapter name, 'base', or 'both' (default dialogsum)")
-    s.add_argument("--task", default="dialogsum", choices=("dialogsum", "xsum"))
+    s = sub.add_parser("summarize", help="summarise a text file (or - for stdin)")
+    s.add_argument("file", help="text file with the dialogue or article, or - to read stdin")
+    s.add_argument("--task", default="dialogsum", choices=summarization_tasks())
+    s.add_argument("--adapter", default=None,
+                   help="an adapter name, 'base', 'both' (base and the task's adapter) or A,B (two systems); "
+                        "default: the task's adapter")
     _generation_args(s)
     s.add_argument("--json", action="store_true", help="print the result as JSON")
 
     c = sub.add_parser("chat", help="streaming chat in the terminal")
-    c.add_argument("--adapter", default="oasst", help="adapter name or 'base'")
+    c.add_argument("--adapter", default=TASKS["oasst"].adapter, help="adapter name or 'base'")
     _generation_args(c, max_new=256)
 
-    sub.add_parser("info", help="print the profile, device, dtype and adapters")
+    sub.add_parser("info", help="print the profile, backend, adapters and why they were chosen")
+    for command in ("summarize", "chat", "info"):
+        add_backend_options(sub.choices[command], suppress=True)
     for name in DELEGATED:
         sub.add_parser(name, add_help=False, help=f"see python -m phisum {name} --help")
     return parser
@@ -64,54 +72,54 @@ def _generation_args(p, max_new: int = 128) -> None:
     p.add_argument("--seed", type=int, default=None)
 
 
-def _settings(args):
+def _settings(args, context_length: int):
     from phisum.generation import GenerationSettings
 
     return GenerationSettings(max_new_tokens=args.max_new_tokens, do_sample=args.sample,
-                              temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+                              temperature=args.temperature, top_p=args.top_p,
+                              seed=args.seed).validate(context_length)
 
 
-def _engine(args):
-    from phisum.engine import Engine
-    from phisum.profiles import resolve_profile
-
-    profile, reason = resolve_profile(args.profile)
-    print(f"[phisum] {reason}", file=sys.stderr)
-    adapters = profile.adapter_sources()
-    for spec in args.adapter_source:
-        name, _, source = spec.partition("=")
-        if not source:
-            raise SystemExit(f"--adapter-source expects NAME=SOURCE, got {spec!r}")
-        adapters[name] = source
-    engine = Engine.load(profile, adapters=adapters, bits=args.bits)
-    for name, why in engine.missing.items():
-        print(f"[phisum] adapter {name!r} not loaded: {why}", file=sys.stderr)
-    return engine
-
-
-def cmd_summarize(args) -> int:
+def read_input(name: str, limit: int = MAX_INPUT_BYTES) -> str:
+    """A file or stdin as UTF-8 text, at most `limit` bytes; InputError (one line) otherwise."""
     from phisum.generation import InputError
 
     try:
-        text = sys.stdin.read() if args.file == "-" else open(args.file, encoding="utf-8").read()
-    except UnicodeDecodeError:
-        print(f"error: {args.file} is not UTF-8 text", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        print(f"error: cannot read {args.file}: {exc.strerror}", file=sys.stderr)
-        return 2
-    engine = _engine(args)
-    settings = _settings(args)
-    try:
-        if args.adapter == "both":
-            base, tuned = engine.compare([text], "dialogsum" if args.task == "dialogsum" else "xsum",
-                                         settings, task=args.task)[0]
-            results = [base, tuned]
+        if name == "-":
+            data = sys.stdin.buffer.read(limit + 1)
         else:
-            results = engine.summarize([text], args.adapter, settings, task=args.task)
-    except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+            with open(name, "rb") as handle:
+                data = handle.read(limit + 1)
+    except OSError as exc:
+        raise InputError(f"cannot read {name}: {exc.strerror}") from None
+    if len(data) > limit:
+        raise InputError(f"{'stdin' if name == '-' else name} is over {limit >> 20} MB; "
+                         "a summary input is a dialogue or an article")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{'stdin' if name == '-' else name} is not UTF-8 text "
+                         f"(invalid byte at offset {exc.start})") from None
+
+
+def cmd_summarize(args) -> int:
+    from phisum import inference
+    from phisum.config import open_backend
+    from phisum.generation import BASE
+    from phisum.tasks import get_task
+
+    text = read_input(args.file)  # before loading the model: bad input fails fast
+    task = get_task(args.task)
+    choice = args.adapter or task.adapter
+    pair = (BASE, task.adapter) if choice == "both" else tuple(choice.split(",")) if "," in choice else None
+    if pair is not None and len(pair) != 2:
+        raise ValueError(f"--adapter takes one system, 'both' or A,B; got {choice!r}")
+    backend = open_backend(args, progress=not args.json)
+    settings = _settings(args, backend.context_length)
+    if pair:
+        results = list(inference.compare(backend, [text], pair, settings, task)[0])
+    else:
+        results = inference.summarize(backend, [text], choice, settings, task)
     if args.json:
         print(json.dumps([r.to_dict() for r in results], indent=2))
         return 0
@@ -126,12 +134,15 @@ def cmd_summarize(args) -> int:
 
 
 def cmd_chat(args) -> int:
+    from phisum import inference
+    from phisum.config import open_backend
     from phisum.generation import InputError
 
-    engine = _engine(args)
-    settings = _settings(args)
-    print(f"chatting with {engine.profile.base_model} + {args.adapter}; empty line or Ctrl-D quits, "
-          "Ctrl-C stops a reply", file=sys.stderr)
+    backend = open_backend(args)
+    settings = _settings(args, backend.context_length)
+    backend.require(args.adapter)
+    print(f"chatting with {backend.profile.base_model} + {args.adapter} ({backend.name}); empty line or "
+          "Ctrl-D quits, Ctrl-C stops a reply", file=sys.stderr)
     history = []
     while True:
         try:
@@ -143,7 +154,7 @@ def cmd_chat(args) -> int:
         history.append({"role": "user", "content": line})
         reply, shown = "", 0
         print("bot> ", end="", flush=True)
-        stream = engine.stream_chat(history, args.adapter, settings)
+        stream = inference.stream_chat(backend, history, args.adapter, settings)
         try:
             for reply in stream:
                 print(reply[shown:], end="", flush=True)
@@ -160,21 +171,32 @@ def cmd_chat(args) -> int:
 
 
 def cmd_info(args) -> int:
-    engine = _engine(args)
-    print(json.dumps(engine.info(), indent=2))
+    from phisum.config import open_backend
+
+    backend = open_backend(args)
+    print(json.dumps(backend.describe(), indent=2))
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
+    from phisum.startup import quiet_library_notices
+
+    quiet_library_notices()
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    # Delegated commands parse their own flags; split global options off first.
     for i, tok in enumerate(argv):
         if tok in DELEGATED:
             # Global options given before the command (--profile tiny train ...) are passed on,
             # not dropped; the command's own parser rejects any it does not know.
             return importlib.import_module(DELEGATED[tok]).main(argv[i + 1:] + argv[:i])
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="[%(name)s] %(message)s")
-    return {"summarize": cmd_summarize, "chat": cmd_chat, "info": cmd_info}[args.command](args)
+    from phisum.adapters import AdapterError
+    from phisum.backends import BackendError
+    from phisum.generation import InputError
+
+    try:
+        return {"summarize": cmd_summarize, "chat": cmd_chat, "info": cmd_info}[args.command](args)
+    except (InputError, AdapterError, BackendError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

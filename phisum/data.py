@@ -103,7 +103,7 @@ def _load_records(source: str | Path | None, split: str, hub_id: str) -> tuple[l
     return [dict(r) for r in dataset], f"{source}@{getattr(dataset, '_fingerprint', '')}", None
 
 
-def load_dialogsum(source: str | Path | None = None, split: str = "train") -> tuple[list[dict], DataReport]:
+def load_dialogsum(source: str | Path | None = None, split: str = "train", **_) -> tuple[list[dict], DataReport]:
     """DialogSum rows as {"id", "dialogue", "summaries": [...], "topic"}.
 
     Test items of the original release carry summary1..summary3: all become references
@@ -211,7 +211,7 @@ def build_oasst_conversations(messages: list[dict], lang: str | None = "en",
 
 
 def load_oasst(source: str | Path | None = None, split: str = "train",
-               lang: str | None = "en") -> tuple[list[dict], DataReport]:
+               lang: str | None = "en", **_) -> tuple[list[dict], DataReport]:
     """oasst1 conversations from the Hub or a local jsonl of raw message rows.
 
     rows_read counts messages; rows_kept counts conversations (one per tree).
@@ -227,19 +227,26 @@ def load_oasst(source: str | Path | None = None, split: str = "train",
     return conversations, report
 
 
+def split_by_key(rows: list[dict], eval_fraction: float = 0.1, key: str = "id",
+                 seed: str = "phisum") -> tuple[list[dict], list[dict]]:
+    """Deterministic (train, eval) split on a hash of each row's `key`: the same row always
+    lands on the same side, whatever the order or size of the file."""
+    train, evaluation = [], []
+    for index, row in enumerate(rows):
+        digest = hashlib.sha256(f"{seed}:{row.get(key, index)}".encode()).digest()
+        (evaluation if int.from_bytes(digest[:4], "big") / 2**32 < eval_fraction else train).append(row)
+    return train, evaluation
+
+
 def split_by_tree(conversations: list[dict], eval_fraction: float = 0.1,
                   seed: str = "phisum") -> tuple[list[dict], list[dict]]:
-    """Deterministic split on a hash of the tree id, so a tree never lands in both parts."""
-    train, evaluation = [], []
-    for conversation in conversations:
-        digest = hashlib.sha256(f"{seed}:{conversation['tree_id']}".encode()).digest()
-        (evaluation if int.from_bytes(digest[:4], "big") / 2**32 < eval_fraction else train).append(conversation)
-    return train, evaluation
+    """Split on the tree id, so a tree's conversations never land in both parts."""
+    return split_by_key(conversations, eval_fraction, "tree_id", seed)
 
 
 # -------------------------------------------------------------------- xsum
 
-def load_xsum(source: str | Path | None = None, split: str = "train") -> tuple[list[dict], DataReport]:
+def load_xsum(source: str | Path | None = None, split: str = "train", **_) -> tuple[list[dict], DataReport]:
     """XSum rows as {"id", "document", "summary"}."""
     records, origin, sha = _load_records(source, split, XSUM_HUB_ID)
     report = DataReport(origin, split, rows_read=len(records), sha256=sha)
@@ -259,26 +266,11 @@ def load_xsum(source: str | Path | None = None, split: str = "train") -> tuple[l
     return rows, report
 
 
-# ------------------------------------------------ rows -> prompt/completion
+# ------------------------------------------------ rows -> prompt/completion (see also tasks.Task.examples)
 
-def _with_eos(text: str, eos_token: str) -> str:
+def with_eos(text: str, eos_token: str) -> str:
     # The model must learn to stop: every target ends with EOS, and EOS is in the loss.
     return text if text.endswith(eos_token) else text + eos_token
-
-
-def dialogsum_examples(rows: list[dict], eos_token: str) -> list[dict]:
-    """One example per reference summary; prompt ends with "Output:\\n"."""
-    from phisum.prompts import dialogsum_prompt
-
-    return [{"prompt": dialogsum_prompt(row["dialogue"]), "completion": _with_eos(summary, eos_token)}
-            for row in rows for summary in row["summaries"]]
-
-
-def xsum_examples(rows: list[dict], eos_token: str) -> list[dict]:
-    from phisum.prompts import xsum_prompt
-
-    return [{"prompt": xsum_prompt(row["document"]), "completion": _with_eos(row["summary"], eos_token)}
-            for row in rows]
 
 
 def chat_examples(conversations: list[dict], eos_token: str, every_turn: bool = True) -> list[dict]:
@@ -295,5 +287,5 @@ def chat_examples(conversations: list[dict], eos_token: str, every_turn: bool = 
         ends = [i + 1 for i, m in enumerate(messages) if m["role"] == "assistant"]
         for end in ends if every_turn else ends[-1:]:
             prompt, completion = split_chat_for_training(messages[:end])
-            examples.append({"prompt": prompt, "completion": _with_eos(completion, eos_token)})
+            examples.append({"prompt": prompt, "completion": with_eos(completion, eos_token)})
     return examples

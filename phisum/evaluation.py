@@ -1,11 +1,12 @@
-"""Before/after ROUGE evaluation: generate with the engine, score, bootstrap, report.
+"""Compare one or two systems on a task: generate through a backend, score, bootstrap.
 
 One ROUGE implementation (`compute_rouge`) serves the CLI, the app's live tab and
 the benchmarks. Scores follow the DialogSum convention: F1 of ROUGE-1/2/L/Lsum,
 Porter stemming on by default, each item scored against every reference and the
-best one kept (per metric), with the first-reference score kept beside it.
-Generation failures (empty output, output cut at max_new_tokens) are counted and
-reported, never dropped.
+best one kept (per metric), with the first-reference score kept beside it. Beside
+ROUGE, a meaning-level score (phisum.semantic: cosine of MiniLM sentence embeddings)
+when asked for. Generation failures (empty output, output cut at max_new_tokens)
+are counted and reported, never dropped. phisum.reporting renders a Report.
 """
 
 from __future__ import annotations
@@ -21,11 +22,12 @@ import numpy as np
 
 from phisum.data import file_sha256
 from phisum.generation import BASE, Generation, GenerationSettings, InputError
-from phisum.profiles import ROOT
+from phisum.tasks import Task, get_task
 
-METRICS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
-METRIC_LABELS = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", "rougeLsum": "ROUGE-Lsum"}
-TASKS = ("dialogsum", "xsum")
+METRICS = ("rouge1", "rouge2", "rougeL", "rougeLsum")  # ROUGE, always computed
+SEMANTIC = "semsim"  # phisum.semantic.METRIC, computed when asked for
+METRIC_LABELS = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", "rougeLsum": "ROUGE-Lsum",
+                 SEMANTIC: "MiniLM cosine"}
 Progress = Callable[[int, int, str], None]
 
 # ------------------------------------------------------------------ ROUGE
@@ -122,47 +124,36 @@ def bootstrap_ci(values: Sequence[float], resamples: int = 1000, seed: int = 0,
 
 # ------------------------------------------------------------------ generation
 
-def generate_outputs(engine, dialogues: Sequence[str], systems: Sequence[str], settings: GenerationSettings,
-                     task: str = "dialogsum", batch_size: int = 8, progress: Progress | None = None,
+def generate_outputs(backend, texts: Sequence[str], systems: Sequence[str], settings: GenerationSettings,
+                     task: str | Task = "dialogsum", batch_size: int = 8, progress: Progress | None = None,
                      sort_by_length: bool = True) -> dict[str, list[Generation]]:
-    """{system: generations in input order}. Greedy batches; base+adapter pairs share each generate call.
+    """{system: generations in input order}. A pair of systems shares each generate call.
 
-    `batch_size` counts generate rows, as in the engine: a base+adapter pair takes two rows per item.
-    Inputs are sorted by token length first so a batch holds similar lengths (less padding).
-    """
-    n, systems = len(dialogues), list(systems)
-    order = list(range(n))
-    if sort_by_length:
-        order.sort(key=lambda i: engine.count_tokens(dialogues[i]))
+    `batch_size` counts generate rows: a pair takes two rows per item. Inputs are sorted
+    by length first so a batch holds similar lengths (less padding)."""
+    from phisum import inference
+
+    n, systems = len(texts), list(systems)
+    order = sorted(range(n), key=lambda i: len(texts[i])) if sort_by_length else list(range(n))
     out: dict[str, list[Generation | None]] = {s: [None] * n for s in systems}
     total, done = n * len(systems), 0
     label = "+".join(systems)
+    step = max(1, batch_size // len(systems))
     if progress:
         progress(0, total, f"generating {label}")
-    paired = len(systems) == 2 and BASE in systems
-    if paired:
-        adapter = systems[1 - systems.index(BASE)]
-        step = max(1, batch_size // 2)
-        for start in range(0, n, step):
-            chunk = order[start:start + step]
-            pairs = engine.compare([dialogues[i] for i in chunk], adapter, settings, task=task,
-                                   batch_size=2 * len(chunk))
-            for i, (base, tuned) in zip(chunk, pairs):
-                out[BASE][i], out[adapter][i] = base, tuned
-            done += 2 * len(chunk)
-            if progress:
-                progress(done, total, f"generating {label}")
-    else:
-        for system in systems:
-            for start in range(0, n, batch_size):
-                chunk = order[start:start + batch_size]
-                gens = engine.summarize([dialogues[i] for i in chunk], system, settings, task=task,
-                                        batch_size=batch_size)
-                for i, gen in zip(chunk, gens):
-                    out[system][i] = gen
-                done += len(chunk)
-                if progress:
-                    progress(done, total, f"generating {system}")
+    for start in range(0, n, step):
+        chunk = order[start:start + step]
+        batch = [texts[i] for i in chunk]
+        if len(systems) == 2:
+            gens = inference.compare(backend, batch, systems, settings, task, batch_size=2 * len(chunk))
+        else:
+            gens = [(g,) for g in inference.summarize(backend, batch, systems[0], settings, task, batch_size)]
+        for i, row in zip(chunk, gens):
+            for system, gen in zip(systems, row):
+                out[system][i] = gen
+        done += len(systems) * len(chunk)
+        if progress:
+            progress(done, total, f"generating {label}")
     return out  # type: ignore[return-value]
 
 
@@ -171,20 +162,17 @@ def failure_counts(gens: Sequence[Generation]) -> dict:
             "cut_at_max_new_tokens": sum(g.finish_reason == "length" for g in gens)}
 
 
-def describe_systems(engine, systems: Sequence[str]) -> dict:
-    """Model identity for metrics.json: base id, and per adapter its path and weights' sha256."""
-    identity = {"profile": engine.profile.name, "base_model": engine.profile.base_model,
-                "dtype": str(engine.dtype).replace("torch.", ""), "device": str(engine.device), "adapters": {}}
+def describe_systems(backend, systems: Sequence[str]) -> dict:
+    """Model identity for metrics.json: backend, base id, and per adapter its source and weights' sha256."""
+    info = backend.describe()
+    identity = {k: info[k] for k in ("backend", "profile", "base_model", "dtype", "device") if k in info}
+    identity["adapters"] = {}
     for system in systems:
         if system != BASE:
-            path = Path(engine.adapters[system])
-            weights = path / "adapter_model.safetensors"
-            try:  # committed reports must not carry this machine's checkout path
-                shown = str(path.resolve().relative_to(ROOT))
-            except ValueError:
-                shown = str(path)
-            identity["adapters"][system] = {"path": shown,
-                                            "sha256": file_sha256(weights) if weights.exists() else None}
+            path = backend.paths.get(system)
+            weights = Path(path) / "adapter_model.safetensors" if path else None
+            identity["adapters"][system] = {"path": backend.adapters.get(system, "server"),
+                                            "sha256": file_sha256(weights) if weights and weights.exists() else None}
     return identity
 
 
@@ -203,6 +191,7 @@ class Report:
     failures: dict  # {system: {"empty": n, "cut_at_max_new_tokens": n}}
     items_per_second: float
     seconds: float
+    metrics_used: tuple[str, ...] = METRICS  # ROUGE, plus SEMANTIC when it was computed
     config: dict = field(default_factory=dict)
     identity: dict = field(default_factory=dict)
     data: dict = field(default_factory=dict)
@@ -217,16 +206,17 @@ class Report:
             for system in self.systems:
                 record[system] = row["outputs"][system]
             for system in self.systems:
-                for metric in METRICS:
+                for metric in self.metrics_used:
                     record[f"{system}_{metric}"] = row["scores"][system][metric]
             records.append(record)
-        columns = ["id", "reference", *self.systems, *(f"{s}_{m}" for s in self.systems for m in METRICS)]
+        columns = ["id", "reference", *self.systems,
+                   *(f"{s}_{m}" for s in self.systems for m in self.metrics_used)]
         return pd.DataFrame.from_records(records, columns=columns)
 
     def metrics(self) -> dict:
         """Everything metrics.json holds."""
         return {"task": self.task, "systems": self.systems, "items": len(self.rows), "config": self.config,
-                "model": self.identity, "data": self.data,
+                "model": self.identity, "data": self.data, "metrics": list(self.metrics_used),
                 "scores": {"max_over_references": self.aggregate, "first_reference": self.first_ref_aggregate,
                            "ci95": self.intervals},
                 "delta": self.delta, "delta_first_reference": self.delta_first_ref,
@@ -234,56 +224,58 @@ class Report:
                 "throughput": {"seconds": self.seconds, "items_per_second": self.items_per_second,
                                "summaries_per_minute": 60 * self.items_per_second * len(self.systems)}}
 
-    def plot(self, path) -> Path:
-        from phisum.reporting import plot_report
 
-        return plot_report(self, Path(path))
-
-    def save(self, out_dir, example_text: bool = True) -> Path:
-        from phisum.reporting import save_report
-
-        return save_report(self, Path(out_dir), example_text)
-
-
-def evaluate(engine, items: Sequence[dict], systems: Sequence[str] = (BASE, "dialogsum"), task: str = "dialogsum",
+def evaluate(backend, items: Sequence[dict], systems: Sequence[str] | None = None, task: str | Task = "dialogsum",
              settings: GenerationSettings | None = None, batch_size: int = 8, progress: Progress | None = None,
-             use_stemmer: bool = True, resamples: int = 1000, seed: int = 0) -> Report:
-    """Generate every system's summary of every item, score it and bootstrap the difference.
+             use_stemmer: bool = True, resamples: int = 1000, seed: int = 0, semantic: bool = False) -> Report:
+    """Generate every system's output for every item, score it and bootstrap the difference.
 
-    items: rows from `load_dialogsum` ({"id", "dialogue", "summaries", ...}).
-    progress: called as progress(done, total, desc) while generating (done/total count summaries).
+    items: rows from the task's loader (e.g. load_dialogsum: {"id", "dialogue", "summaries", ...}).
+    systems: one system, or a pair compared as systems[1] - systems[0] (default: base vs the task's adapter).
+    semantic: also score meaning (phisum.semantic); loads its model on first use.
+    progress: called as progress(done, total, desc) while generating (done/total count outputs).
     """
-    systems = list(systems)
+    task = get_task(task)
+    systems = list(systems or (BASE, task.adapter))
     if not 1 <= len(systems) <= 2 or len(set(systems)) != len(systems):
         raise InputError(f"evaluate one system or a pair of different systems, got {systems}")
-    if task not in TASKS:
-        raise InputError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    if task.kind != "summarize":
+        raise InputError(f"task {task.name!r} has no reference summaries to score; evaluate a summarization task")
     if not items:
         raise InputError("no items to evaluate")
     if batch_size < 1:
         raise InputError(f"batch size must be at least 1, got {batch_size}")
+    if resamples < 1:
+        raise InputError(f"bootstrap resamples must be at least 1, got {resamples}")
     for system in systems:
-        engine.require(system)
-    settings = (settings or GenerationSettings()).validate(engine.profile.context_length)
-    text_key = "article" if task == "xsum" else "dialogue"
-    dialogues = [item[text_key] for item in items]
-    references = [list(item["summaries"]) for item in items]
+        backend.require(system)
+    settings = (settings or GenerationSettings()).validate(backend.context_length)
+    texts = [task.text(item) for item in items]
+    references = [task.references(item) for item in items]
 
     t0 = time.perf_counter()
-    gens = generate_outputs(engine, dialogues, systems, settings, task, batch_size, progress)
+    gens = generate_outputs(backend, texts, systems, settings, task, batch_size, progress)
     seconds = time.perf_counter() - t0
     if progress:
         progress(len(items) * len(systems), len(items) * len(systems), "scoring")
 
+    metrics = METRICS + ((SEMANTIC,) if semantic else ())
     scores, first = {}, {}
     for system in systems:
-        table = score_references([g.text for g in gens[system]], references, use_stemmer)
-        scores[system] = [best_of(per_ref) for per_ref in table]
+        predictions = [g.text for g in gens[system]]
+        table = score_references(predictions, references, use_stemmer)
+        if semantic:
+            from phisum.semantic import semantic_scores
+
+            for per_ref, sims in zip(table, semantic_scores(predictions, references)):
+                for cell, sim in zip(per_ref, sims):
+                    cell[SEMANTIC] = sim
+        scores[system] = [{m: max(s[m] for s in per_ref) for m in metrics} for per_ref in table]
         first[system] = [per_ref[0] for per_ref in table]
 
     rows = []
     for i, item in enumerate(items):
-        rows.append({"id": item["id"], "input": item[text_key], "references": references[i],
+        rows.append({"id": item["id"], "input": texts[i], "references": references[i],
                      "outputs": {s: gens[s][i].text for s in systems},
                      "scores": {s: scores[s][i] for s in systems},
                      "first_ref_scores": {s: first[s][i] for s in systems},
@@ -292,26 +284,27 @@ def evaluate(engine, items: Sequence[dict], systems: Sequence[str] = (BASE, "dia
                      "notices": sorted({n for s in systems for n in gens[s][i].notices})})
 
     def mean_of(table):
-        return {s: {m: float(np.mean([r[m] for r in table[s]])) for m in METRICS} for s in systems}
+        return {s: {m: float(np.mean([r[m] for r in table[s]])) for m in metrics} for s in systems}
 
     idx = bootstrap_indices(len(items), resamples, seed)  # one resample set: paired across systems
-    intervals = {s: {m: bootstrap_ci([r[m] for r in scores[s]], indices=idx) for m in METRICS} for s in systems}
+    intervals = {s: {m: bootstrap_ci([r[m] for r in scores[s]], indices=idx) for m in metrics} for s in systems}
     delta, delta_first = {}, {}
     if len(systems) == 2:
         a, b = systems
-        for m in METRICS:
+        for m in metrics:
             delta[m] = bootstrap_ci([y[m] - x[m] for x, y in zip(scores[a], scores[b])], indices=idx)
             delta_first[m] = bootstrap_ci([y[m] - x[m] for x, y in zip(first[a], first[b])], indices=idx)
 
-    import torch
-
-    config = {"task": task, "systems": systems, "items": len(items), "batch_size": batch_size,
-              "torch_threads": torch.get_num_threads(),
+    config = {"task": task.name, "systems": systems, "items": len(items), "batch_size": batch_size,
               "generation": settings.to_dict(), "use_stemmer": bool(use_stemmer),
               "sentence_splitter": sentence_splitter(), "multi_reference": "max over references per metric",
               "bootstrap": {"resamples": resamples, "seed": seed, "interval": "95% percentile, paired"}}
-    return Report(task=task, systems=systems, rows=rows, aggregate=mean_of(scores), first_ref_aggregate=mean_of(first),
-                  intervals=intervals, delta=delta, delta_first_ref=delta_first,
+    if semantic:
+        from phisum.semantic import model_info
+
+        config["semantic"] = model_info()
+    return Report(task=task.name, systems=systems, rows=rows, aggregate=mean_of(scores),
+                  first_ref_aggregate=mean_of(first), intervals=intervals, delta=delta, delta_first_ref=delta_first,
                   failures={s: failure_counts(gens[s]) for s in systems},
                   items_per_second=len(items) / seconds if seconds > 0 else float("inf"), seconds=seconds,
-                  config=config, identity=describe_systems(engine, systems))
+                  metrics_used=metrics, config=config, identity=describe_systems(backend, systems))

@@ -1,16 +1,9 @@
-"""Generation settings, results, input checks and stop rules used by the engine."""
+"""Generation settings, results, input checks and stop-string rules every backend shares."""
 
 from __future__ import annotations
 
-import threading
 import unicodedata
 from dataclasses import asdict, dataclass, field
-
-from phisum.startup import frozen_imports
-
-with frozen_imports():
-    import torch
-    from transformers import StoppingCriteria
 
 BASE = "base"  # the system name of the base model with every adapter off
 MAX_NEW_TOKENS_LIMIT = 1024
@@ -40,6 +33,9 @@ class GenerationSettings:
                 raise InputError(f"top-p must be in (0, 1], got {self.top_p}")
         if not 1.0 <= float(self.repetition_penalty) <= 2.0:
             raise InputError(f"repetition penalty must be in [1, 2], got {self.repetition_penalty}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not 0 <= self.seed < 2**32):
+            raise InputError(f"seed must be a whole number from 0 to 2**32 - 1, got {self.seed}")
         return self
 
     def generate_kwargs(self) -> dict:
@@ -91,6 +87,11 @@ def validate_text(value, what: str = "dialogue") -> str:
         raise InputError(f"the {what} is empty: paste some text first")
     if "\x00" in text:
         raise InputError(f"the {what} contains NUL bytes and looks like binary data, not text")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone UTF-16 surrogate from a JSON client: not text a tokenizer takes
+        raise InputError(f"the {what} contains invalid Unicode (a lone surrogate at character {exc.start}); "
+                         "send valid UTF-8 text") from None
     sample = text[:20000]
     control = sum(1 for ch in sample if unicodedata.category(ch) in ("Cc", "Cs", "Co", "Cn") and ch not in "\n\r\t")
     if control > max(3, len(sample) // 50):
@@ -116,31 +117,3 @@ def held_back(text: str, stops) -> int:
                 keep = max(keep, n)
                 break
     return keep
-
-
-class StopOnStrings(StoppingCriteria):
-    """Per-row stop when the newly generated text contains a stop string.
-
-    transformers' own stop_strings pre-computes tables over the whole vocabulary
-    (262k tokens for Gemma); decoding a short tail per step is cheaper here.
-    """
-
-    def __init__(self, tokenizer, stops, prompt_length: int, tail_tokens: int = 12):
-        self.tokenizer, self.stops = tokenizer, tuple(stops)
-        self.prompt_length, self.tail = prompt_length, tail_tokens
-
-    def __call__(self, input_ids, scores, **kwargs):
-        new = input_ids[:, self.prompt_length:]
-        if not self.stops or new.shape[1] == 0:
-            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        tails = self.tokenizer.batch_decode(new[:, -self.tail:], skip_special_tokens=True)
-        done = [first_stop(t, self.stops) >= 0 for t in tails]
-        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
-
-
-class CancelOnEvent(StoppingCriteria):
-    def __init__(self, event: threading.Event):
-        self.event = event
-
-    def __call__(self, input_ids, scores, **kwargs):
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)

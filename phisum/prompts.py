@@ -1,34 +1,16 @@
-"""Every prompt template PhiSUM uses, in one place.
+"""The chat template (oasst1 / Guanaco `### Human:` / `### Assistant:` turns).
 
 Training targets and inference prompts are built from the same functions so a
 fine-tuned adapter always sees at inference the exact text it was trained on.
+Per-task prompt templates live in phisum.tasks.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-DIALOGSUM_PROMPT = "Instruct: Summarize the following conversation.\n{dialogue}\nOutput:\n"
-XSUM_PROMPT = "Article: {article}\n\nSummarize the above article in one sentence.\nSummary: "
 HUMAN = "### Human:"
 ASSISTANT = "### Assistant:"
-
-# Where a model that does not stop at EOS would start writing the next example.
-STOP_STRINGS = {
-    "dialogsum": ("\nInstruct:",),
-    "xsum": ("\nArticle:",),
-    "chat": (HUMAN,),
-}
-
-TASKS = tuple(STOP_STRINGS)
-
-
-def dialogsum_prompt(dialogue: str) -> str:
-    return DIALOGSUM_PROMPT.format(dialogue=dialogue.strip())
-
-
-def xsum_prompt(article: str) -> str:
-    return XSUM_PROMPT.format(article=article.strip())
 
 
 def message_text(message: Mapping) -> str:
@@ -53,11 +35,8 @@ def chat_turn(role: str, text: str) -> str:
 
 
 def chat_prompt(messages: Iterable[Mapping]) -> str:
-    """oasst1 / Guanaco template: `### Human: ...` and `### Assistant: ...` turns.
-
-    The prompt ends with the assistant tag so the model writes the next reply.
-    System messages are not part of the oasst1 data, so they are dropped here.
-    """
+    """`### Human: ...` and `### Assistant: ...` turns, ending with the assistant tag so the
+    model writes the next reply. System messages are not part of the oasst1 data: dropped."""
     lines = []
     for message in messages:
         role = message.get("role")
@@ -73,13 +52,3 @@ def split_chat_for_training(messages: list[Mapping]) -> tuple[str, str]:
         raise ValueError("a training conversation must end with an assistant turn")
     prompt = chat_prompt(messages[:-1])
     return prompt, " " + message_text(messages[-1]).strip()
-
-
-def build_prompt(task: str, text: str) -> str:
-    if task == "dialogsum":
-        return dialogsum_prompt(text)
-    if task == "xsum":
-        return xsum_prompt(text)
-    if task == "chat":
-        return chat_prompt([{"role": "user", "content": text}])
-    raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")

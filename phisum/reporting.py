@@ -1,26 +1,55 @@
-"""Write an evaluation Report to disk: predictions.jsonl, metrics.json, report.md, rouge.png."""
+"""Render an evaluation Report: the score table (report.md, the live ROUGE tab and the CLI all
+print this one), the chart, and the report folder (predictions.jsonl, metrics.json, report.md,
+rouge.png)."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
-from phisum.evaluation import METRIC_LABELS, METRICS, Report
+from phisum.evaluation import METRIC_LABELS, Report
 
 EXAMPLES_SHOWN = 3
 
 
-def save_report(report: Report, out_dir: Path, example_text: bool = True) -> Path:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / "predictions.jsonl", "w", encoding="utf-8") as handle:
-        for row in report.rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-    (out_dir / "metrics.json").write_text(json.dumps(report.metrics(), indent=2, ensure_ascii=False) + "\n",
+def save_report(report: Report, out_dir: Path, example_text: bool = True, overwrite: bool = False) -> Path:
+    """Write the report folder atomically: into a temporary folder beside it, then renamed into
+    place. An existing folder is replaced only with `overwrite`."""
+    out_dir = Path(out_dir)
+    check_output_dir(out_dir, overwrite)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        with open(tmp / "predictions.jsonl", "w", encoding="utf-8") as handle:
+            for row in report.rows:
+                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+        (tmp / "metrics.json").write_text(json.dumps(report.metrics(), indent=2, ensure_ascii=False) + "\n",
                                           encoding="utf-8")
-    plot_report(report, out_dir / "rouge.png")
-    (out_dir / "report.md").write_text(render_markdown(report, example_text), encoding="utf-8")
+        plot_report(report, tmp / "rouge.png")
+        (tmp / "report.md").write_text(render_markdown(report, example_text), encoding="utf-8")
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def check_output_dir(out_dir: Path, overwrite: bool) -> None:
+    """Refuse, before any work is done, an output that is a file or an existing folder (without overwrite)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out {out_dir} is a file; give a folder for the report")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise ValueError(f"--out {out_dir} already holds files; choose a new folder or pass --overwrite")
 
 
 def plot_report(report: Report, path: Path) -> Path:
@@ -32,23 +61,24 @@ def plot_report(report: Report, path: Path) -> Path:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    metrics = report.metrics_used
     width = 0.8 / len(report.systems)
     for k, system in enumerate(report.systems):
-        means = [report.aggregate[system][m] for m in METRICS]
-        ci = [report.intervals[system][m] for m in METRICS]
+        means = [report.aggregate[system][m] for m in metrics]
+        ci = [report.intervals[system][m] for m in metrics]
         err = [[mean - c["low"] for mean, c in zip(means, ci)], [c["high"] - mean for mean, c in zip(means, ci)]]
-        xs = [i + (k - (len(report.systems) - 1) / 2) * width for i in range(len(METRICS))]
+        xs = [i + (k - (len(report.systems) - 1) / 2) * width for i in range(len(metrics))]
         bars = ax.bar(xs, means, width, yerr=err, capsize=4, label=system)
         ax.bar_label(bars, labels=[f"{v:.3f}" for v in means], label_type="center", fontsize=7, color="white")
-    ax.set_xticks(range(len(METRICS)), [METRIC_LABELS[m] for m in METRICS])
-    ax.set_ylabel("F1 (max over references)")
-    top = max((report.intervals[s][m]["high"] for s in report.systems for m in METRICS), default=0.0)
+    ax.set_xticks(range(len(metrics)), [METRIC_LABELS[m] for m in metrics])
+    ax.set_ylabel("score (max over references)")
+    top = max((report.intervals[s][m]["high"] for s in report.systems for m in metrics), default=0.0)
     top = max(0.05, top) if math.isfinite(top) else 1.0
     ax.set_ylim(0, top * 1.45)
     title = f"{report.task}: {len(report.rows)} items, 95% bootstrap CI"
     if report.delta:  # the paired difference and its CI above each group
         title += f"; delta = {report.systems[1]} - {report.systems[0]}"
-        for i, m in enumerate(METRICS):
+        for i, m in enumerate(metrics):
             d = report.delta[m]
             ax.text(i, top * 1.08, f"delta {d['mean']:+.3f}\n[{d['low']:+.3f}, {d['high']:+.3f}]",
                     ha="center", fontsize=7)
@@ -60,20 +90,38 @@ def plot_report(report: Report, path: Path) -> Path:
     return path
 
 
-def _score_table(report: Report, aggregate: dict, delta: dict) -> list[str]:
-    lines = ["| system | " + " | ".join(METRIC_LABELS[m] for m in METRICS) + " |",
-             "|---|" + "---:|" * len(METRICS)]
+def score_table(report: Report, first_reference: bool = False, intervals: bool = True) -> str:
+    """The markdown score table: one row per system (with 95% CIs), and the paired difference."""
+    metrics = report.metrics_used
+    aggregate = report.first_ref_aggregate if first_reference else report.aggregate
+    delta = report.delta_first_ref if first_reference else report.delta
+    lines = ["| system | " + " | ".join(METRIC_LABELS[m] for m in metrics) + " |",
+             "|---|" + "---:|" * len(metrics)]
     for system in report.systems:
         cells = []
-        for m in METRICS:
-            ci = report.intervals[system][m] if aggregate is report.aggregate else None
+        for m in metrics:
+            ci = report.intervals[system][m] if intervals and not first_reference else None
             cells.append(f"{aggregate[system][m]:.3f}" + (f" [{ci['low']:.3f}, {ci['high']:.3f}]" if ci else ""))
         lines.append(f"| {system} | " + " | ".join(cells) + " |")
     if delta:
-        label = f"{report.systems[1]} - {report.systems[0]}"
+        label = f"{report.systems[1]} - {report.systems[0]} (95% CI)"
         lines.append(f"| **{label}** | " + " | ".join(
-            f"**{delta[m]['mean']:+.3f}** [{delta[m]['low']:+.3f}, {delta[m]['high']:+.3f}]" for m in METRICS) + " |")
-    return lines
+            f"**{delta[m]['mean']:+.3f}** [{delta[m]['low']:+.3f}, {delta[m]['high']:+.3f}]" for m in metrics) + " |")
+    return "\n".join(lines)
+
+
+def failures_line(report: Report) -> str:
+    """'' when nothing failed, else one line of counts per system."""
+    parts = [f"{s}: {v['empty']} empty, {v['cut_at_max_new_tokens']} cut at the token limit"
+             for s, v in report.failures.items() if any(v.values())]
+    return ("Generation failures (counted, still scored): " + "; ".join(parts)) if parts else ""
+
+
+def _input_word(report: Report) -> str:
+    from phisum.tasks import TASKS
+
+    task = TASKS.get(report.task)
+    return task.input_word if task else "input"
 
 
 def _quote(text: str, limit: int = 600) -> str:
@@ -106,7 +154,7 @@ def _examples(report: Report, with_text: bool = True) -> list[str]:
             lines += ["", "Texts of these items: predictions.jsonl (not committed; it holds the dataset's text).", ""]
             continue
         for row in picked:
-            lines += [f"### {row['id']} ({title}: {key(row):+.3f})", "", "Dialogue:", "", _quote(row["input"], 800),
+            lines += [f"### {row['id']} ({title}: {key(row):+.3f})", "", f"{_input_word(report).capitalize()}:", "", _quote(row["input"], 800),
                       "", "Reference (first of {}):".format(len(row["references"])), "",
                       _quote(row["references"][0]), ""]
             for s in systems:
@@ -121,21 +169,25 @@ def render_markdown(report: Report, example_text: bool = True) -> str:
     n = len(report.rows)
     lines = [f"# {report.task} evaluation: {' vs '.join(report.systems)}", "",
              f"{n} items; base model `{ident.get('base_model')}` ({ident.get('profile')} profile, "
-             f"{ident.get('dtype')} on {ident.get('device')})."]
+             f"{ident.get('backend', 'transformers')} backend"
+             + (f", {ident['dtype']} on {ident.get('device')}" if ident.get("dtype") else "") + ")."]
     for name, info in ident.get("adapters", {}).items():
         lines.append(f"Adapter `{name}`: `{info['path']}` (adapter_model.safetensors sha256 "
                      f"`{(info['sha256'] or 'missing')[:16]}...`).")
     if report.data:
         lines.append(f"Data: {report.data.get('summary', report.data.get('source'))}; "
                      f"sha256 `{(report.data.get('sha256') or 'n/a')[:16]}`; {report.data.get('selection', '')}")
-    lines += ["", "## ROUGE F1 (max over references, mean over items; [95% bootstrap CI])", "",
-              *_score_table(report, report.aggregate, report.delta), "",
-              "## ROUGE F1 against the first reference only", "",
-              *_score_table(report, report.first_ref_aggregate, report.delta_first_ref), "",
+    lines += ["", "## Scores (max over references, mean over items; [95% bootstrap CI])", "",
+              score_table(report), "",
+              "## Scores against the first reference only", "",
+              score_table(report, first_reference=True), "",
               f"Scoring: rouge-score, stemming {'on' if cfg.get('use_stemmer') else 'off'}; ROUGE-Lsum sentences "
               f"split with {cfg.get('sentence_splitter')}; each metric is the max over an item's references; "
               f"delta CI: paired bootstrap, {cfg.get('bootstrap', {}).get('resamples')} resamples, "
-              f"seed {cfg.get('bootstrap', {}).get('seed')}.", "",
+              f"seed {cfg.get('bootstrap', {}).get('seed')}."
+              + (f" {METRIC_LABELS['semsim']}: cosine similarity of `{cfg['semantic'].get('model')}` sentence "
+                 "embeddings (meaning rather than shared words; 1 = same direction)." if cfg.get("semantic") else ""),
+              "",
               f"Generation: greedy={not gen.get('do_sample')}, max_new_tokens={gen.get('max_new_tokens')}, "
               f"batch size {cfg.get('batch_size')} rows, same prompt for every system.", "",
               "## Generation failures (counted, still scored)", "",

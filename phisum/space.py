@@ -44,7 +44,14 @@ ROOT = Path(__file__).resolve().parent.parent
 SPACE_FILES = ("app.py", "requirements.txt", "README.md")
 SPACE_DIRS = ("phisum", "assets")
 ADAPTER_SPEC = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*(@[\w./-]+)?$")
-PROFILES = ("auto", "phi2", "embedded")
+def _space_profiles() -> tuple[str, ...]:
+    from phisum.profiles import PROFILES as registered
+
+    # profiles `auto` can pick are the ones meant for serving; test-only ones (tiny) are not
+    return ("auto", *(name for name, p in registered.items() if p.auto))
+
+
+PROFILES = _space_profiles()
 
 
 def check_space_readme(path: Path) -> dict:
@@ -81,7 +88,7 @@ def check_space_readme(path: Path) -> dict:
 
 
 def space_variables(dialogsum: str | None = None, oasst: str | None = None, profile: str | None = None) -> dict:
-    """Space variables the app reads (phisum.profiles.Profile.adapter_sources, resolve_profile)."""
+    """Space variables the app reads (phisum.config)."""
     variables = {}
     for name, spec in (("dialogsum", dialogsum), ("oasst", oasst)):
         if spec is None:

@@ -31,3 +31,19 @@ def frozen_imports() -> Iterator[None]:
         gc.freeze()
         if enabled:
             gc.enable()
+
+
+def quiet_library_notices() -> None:
+    """Silence two notices that read like a broken install but are not; this is their one explanation.
+
+    - bitsandbytes, on CPUs with AVX-512 bf16, tries to fetch an optional 4-bit CPU kernel from
+      the Hub through the `kernels` package, and logs a warning when it cannot (not installed,
+      or offline); it then uses its own CPU kernel. Nothing is missing.
+    - trl and peft read `model.is_gradient_checkpointing`, which transformers 5 renamed to
+      `is_activation_checkpointing`; the FutureWarning comes from their code, on every run.
+    phisum's own recipes use the new `activation_checkpointing` keys."""
+    import logging
+    import warnings
+
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-TRAIN_TASKS = ("dialogsum", "oasst", "xsum")
+from phisum.profiles import PROFILES
+from phisum.tasks import TASKS
 
 
 @dataclass
@@ -17,24 +18,26 @@ class PhisumArguments:
     """Which data and base the run uses and where the adapter goes.
 
     Args:
-        profile: `phi2`, `embedded` or `tiny`. `embedded`/`tiny` load the base through
-            phisum.models (the embedded GGUF cache, or the in-code tiny model) and
-            record the profile's base id in the adapter; `phi2`/None load
-            `model_name_or_path` with from_pretrained.
-        task: `dialogsum`, `oasst` or `xsum`; picks the loader and the prompt template.
+        profile: a phisum profile (phi2, embedded, tiny). When model_name_or_path is the
+            profile's base (or unset), the base loads the profile's way (the embedded GGUF
+            cache, the in-code tiny model, the Hub) and the adapter records the profile's
+            base id; None loads `model_name_or_path` with from_pretrained.
+        task: a phisum task (dialogsum, oasst, xsum); picks the loader and the prompt template.
         dataset_source: local file/folder or Hub dataset id (None: the task's Hub dataset).
-        train_split / eval_split: splits to read. For oasst, eval_split may equal
-            train_split: the conversations are then split by message tree.
-        eval_fraction: share of oasst trees held out when both splits are the same.
-        oasst_lang: keep only trees in this language (empty: all languages).
+        train_split / eval_split: splits to read. When both come from one file (the same
+            split, or a single-file source), eval_fraction of it is held out instead.
+        eval_fraction: share held out for evaluation when one file holds both.
+        oasst_lang: keep only oasst trees in this language (empty: all languages).
         max_train_samples / max_eval_samples: cut the data (0 = all), for smoke runs.
         adapter_dir: where the final adapter, summary and loss curve are written
             (default: <output_dir>/adapter). Checkpoints stay in output_dir.
+        overwrite: replace an existing adapter_dir (otherwise the run refuses to start).
         fast_cpu: completion-only-logits trainer; None = automatically on CPU.
     """
 
-    profile: str | None = field(default=None, metadata={"help": "phi2, embedded, tiny, or none to use model_name_or_path"})
-    task: str = field(default="dialogsum", metadata={"help": f"one of {', '.join(TRAIN_TASKS)}"})
+    profile: str | None = field(default=None, metadata={"help": f"{', '.join(PROFILES)}, or none to use "
+                                                                 "model_name_or_path"})
+    task: str = field(default="dialogsum", metadata={"help": f"one of {', '.join(TASKS)}"})
     dataset_source: str | None = field(default=None, metadata={"help": "local file/folder or Hub dataset id"})
     train_split: str = field(default="train", metadata={"help": "split to train on"})
     eval_split: str | None = field(default="validation", metadata={"help": "split to evaluate on (none: no eval)"})
@@ -42,17 +45,17 @@ class PhisumArguments:
     oasst_lang: str = field(default="en", metadata={"help": "oasst: language of the trees kept ('' = all)"})
     max_train_samples: int = field(default=0, metadata={"help": "use only the first N training examples (0 = all)"})
     max_eval_samples: int = field(default=0, metadata={"help": "use only the first N eval examples (0 = all)"})
-    adapter_name: str = field(default="dialogsum", metadata={"help": "name the adapter is known by in the app"})
     adapter_dir: str | None = field(default=None, metadata={"help": "final adapter folder (default output_dir/adapter)"})
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing adapter_dir"})
     fast_cpu: bool | None = field(default=None, metadata={"help": "fast CPU trainer (default: on when no CUDA)"})
 
     def __post_init__(self):
-        if self.task not in TRAIN_TASKS:
-            raise ValueError(f"task must be one of {', '.join(TRAIN_TASKS)}, got {self.task!r}")
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
         if self.profile in ("", "none", "None"):
             self.profile = None
-        if self.profile is not None and self.profile not in ("phi2", "embedded", "tiny"):
-            raise ValueError(f"profile must be phi2, embedded, tiny or none, got {self.profile!r}")
+        if self.profile is not None and self.profile not in PROFILES:
+            raise ValueError(f"profile must be one of {', '.join(PROFILES)} or none, got {self.profile!r}")
         if self.eval_split in ("", "none", "None"):
             self.eval_split = None
         if not 0.0 <= self.eval_fraction < 1.0:
@@ -73,7 +76,18 @@ def parse_recipe(argv: list[str]):
     """
     import torch
 
+    import yaml
+
     argv = list(argv)
     if not torch.cuda.is_available() and not any(a.split("=")[0] == "--use_cpu" for a in argv):
         argv += ["--use_cpu", "true"]
-    return build_parser().parse_args_and_config(args=argv)
+    try:
+        return build_parser().parse_args_and_config(args=argv)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}: {getattr(exc, 'problem', 'syntax error')})" if mark else ""
+        raise ValueError(f"the recipe is not valid YAML{where}") from None
+    except SystemExit as exc:
+        if exc.code in (0, None):  # --help
+            raise
+        raise ValueError("the command line or recipe has an error (argparse's line above names it)") from None

@@ -25,29 +25,35 @@ log = logging.getLogger("phisum.training")
 # ------------------------------------------------------------------ data
 
 def load_examples(pargs, eos_token: str):
-    """(train_examples, eval_examples, reports): prompt/completion rows, EOS on every target."""
-    from phisum import data
+    """(train_examples, eval_examples, reports): prompt/completion rows, EOS on every target.
 
-    reports = []
-    if pargs.task == "dialogsum":
-        loader = lambda split: data.load_dialogsum(pargs.dataset_source, split)  # noqa: E731
-        convert = data.dialogsum_examples
-    elif pargs.task == "xsum":
-        loader = lambda split: data.load_xsum(pargs.dataset_source, split)  # noqa: E731
-        convert = data.xsum_examples
-    else:
-        loader = lambda split: data.load_oasst(pargs.dataset_source, split, lang=pargs.oasst_lang or None)  # noqa
-        convert = data.chat_examples
-    train_rows, report = loader(pargs.train_split)
-    reports.append(report)
+    When train and eval would come from one file (the same split, or a single-file source,
+    which every split name reads), eval_fraction of it is held out instead, with a note:
+    evaluating on the training data would say nothing."""
+    from phisum import data
+    from phisum.tasks import get_task
+
+    task = get_task(pargs.task)
+    options = {"lang": pargs.oasst_lang or None}
+    train_rows, report = task.load(pargs.dataset_source, pargs.train_split, **options)
+    reports = [report]
     eval_rows = []
-    if pargs.task == "oasst" and pargs.eval_split in (None, pargs.train_split):
-        if pargs.eval_split is not None:  # one file: hold out whole trees
-            train_rows, eval_rows = data.split_by_tree(train_rows, pargs.eval_fraction)
-    elif pargs.eval_split:
-        eval_rows, report = loader(pargs.eval_split)
-        reports.append(report)
-    train, evaluation = convert(train_rows, eos_token), convert(eval_rows, eos_token) if eval_rows else []
+    if pargs.eval_split:
+        one_file = pargs.eval_split == pargs.train_split or (
+            pargs.dataset_source is not None and Path(str(pargs.dataset_source)).is_file())
+        if one_file:
+            holdout = task.holdout or data.split_by_key
+            train_rows, eval_rows = holdout(train_rows, pargs.eval_fraction)
+            print(f"[phisum] train and eval would read one file ({report.source}): holding out "
+                  f"{len(eval_rows)} of {len(eval_rows) + len(train_rows)} rows for evaluation "
+                  f"(eval_fraction {pargs.eval_fraction})", file=sys.stderr)
+            if not eval_rows or not train_rows:
+                raise ValueError(f"holding out eval_fraction={pargs.eval_fraction} of {report.source} leaves "
+                                 "an empty part; change eval_fraction or give separate train/eval files")
+        else:
+            eval_rows, eval_report = task.load(pargs.dataset_source, pargs.eval_split, **options)
+            reports.append(eval_report)
+    train, evaluation = task.examples(train_rows, eos_token), task.examples(eval_rows, eos_token) if eval_rows else []
     if pargs.max_train_samples:
         train = train[:pargs.max_train_samples]
     if pargs.max_eval_samples:
@@ -71,18 +77,19 @@ def load_model(pargs, model_args, fast: bool):
     quant = trl.get_quantization_config(model_args)
     profile = PROFILES.get(pargs.profile) if pargs.profile else None
     name = model_args.model_name_or_path
-    if profile is not None and profile.name == "tiny" and name in (None, profile.base_model):
+    own_base = profile is not None and name in (None, profile.base_model)
+    if own_base and profile.loader == "tiny":
         if quant is not None:
-            raise ValueError("the in-code tiny model cannot be quantized; save it (profiles.save_tiny) and "
-                             "point model_name_or_path at the folder")
+            raise ValueError(f"the in-code {profile.name} model cannot be quantized; save it (models.save_tiny) "
+                             "and point model_name_or_path at the folder")
         model, tokenizer = load_base(profile, dtype=dtype, device="cpu", progress=False)
         return model, tokenizer, profile.base_model
-    if profile is not None and profile.name == "embedded" and name in (None, profile.base_model):
-        path = model_path(profile)  # the converted GGUF cache: works offline
+    if own_base:
+        path = model_path(profile)  # the profile's way: the converted GGUF cache offline, else the Hub id
     elif name:
         path = name
     else:
-        raise ValueError("set model_name_or_path or a profile (phi2, embedded, tiny)")
+        raise ValueError(f"set model_name_or_path or a profile ({', '.join(PROFILES)})")
     base_id = profile.base_model if profile is not None and name in (None, profile.base_model) else name
     kwargs = {"dtype": dtype, "revision": model_args.model_revision}
     if model_args.attn_implementation:
@@ -97,7 +104,46 @@ def load_model(pargs, model_args, fast: bool):
     return model, tokenizer, base_id
 
 
-def add_lora(model, model_args, base_id: str, gradient_checkpointing: bool):
+def check_run(pargs, training_args) -> Path:
+    """Refuse, before the model loads, a run that would train nothing or overwrite a user's adapter.
+    Returns the adapter folder."""
+    if training_args.max_steps == 0 or (training_args.max_steps < 0 and training_args.num_train_epochs <= 0):
+        raise ValueError("max_steps 0 (or num_train_epochs 0) trains nothing; give a positive number of steps, "
+                         "or max_steps -1 to train num_train_epochs")
+    if not 0 <= int(training_args.seed) < 2**32:
+        raise ValueError(f"seed must be from 0 to 2**32 - 1, got {training_args.seed}")
+    adapter_dir = Path(pargs.adapter_dir or Path(training_args.output_dir) / "adapter")
+    if adapter_dir.exists() and not adapter_dir.is_dir():
+        raise ValueError(f"adapter_dir {adapter_dir} is a file; give a folder")
+    if adapter_dir.is_dir() and any(adapter_dir.iterdir()) and not pargs.overwrite:
+        raise ValueError(f"adapter_dir {adapter_dir} already holds an adapter; choose another --adapter_dir, "
+                         "or pass --overwrite true to replace it")
+    return adapter_dir
+
+
+def save_adapter(trainer, adapter_dir: Path):
+    """Write the adapter into a temporary folder beside adapter_dir, then rename it into place:
+    a killed save never leaves a half-written adapter where the app looks for one."""
+    import os
+    import shutil
+    import tempfile
+
+    adapter_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{adapter_dir.name}.tmp-", dir=adapter_dir.parent))
+    try:
+        trainer.accelerator.unwrap_model(trainer.model).save_pretrained(tmp)
+        if adapter_dir.exists():
+            old = adapter_dir.with_name(f".{adapter_dir.name}.old-{os.getpid()}")
+            os.replace(adapter_dir, old)
+            os.replace(tmp, adapter_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, adapter_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def add_lora(model, model_args, base_id: str, activation_checkpointing: bool):
     """prepare_model_for_kbit_training for quantized bases, then a peft LoRA model."""
     import trl
     from peft import get_peft_model, prepare_model_for_kbit_training
@@ -105,7 +151,7 @@ def add_lora(model, model_args, base_id: str, gradient_checkpointing: bool):
     if not model_args.use_peft:
         raise ValueError("phisum trains LoRA adapters: set use_peft: true in the recipe")
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=activation_checkpointing)
     model.name_or_path = base_id
     peft_model = get_peft_model(model, trl.get_peft_config(model_args))
     for config in peft_model.peft_config.values():
@@ -120,7 +166,8 @@ def build_trainer(model, tokenizer, train, evaluation, training_args, fast: bool
 
     from phisum.fast_trainer import CompletionOnlySFTTrainer, ThroughputCallback
 
-    meter = ThroughputCallback()
+    every = max(int(training_args.logging_steps or 10), 1)
+    meter = ThroughputCallback(every=every, log=lambda line: print(f"[phisum] {line}", file=sys.stderr, flush=True))
     cls = CompletionOnlySFTTrainer
     if not fast:
         from trl import SFTTrainer as cls  # noqa: N813
@@ -151,20 +198,61 @@ def choose_fast_path(pargs, training_args, model_args=None) -> bool:
         if not torch.cuda.is_available():
             from phisum.fast_trainer import keep_freed_memory
 
-            keep_freed_memory()  # 1.5x on CPU: see its docstring
-        if training_args.gradient_checkpointing:
-            log.info("fast CPU path: gradient checkpointing off (recomputation costs ~30%% and memory allows)")
+            keep_freed_memory()  # much faster steps on CPU: see its docstring
+        if training_args.activation_checkpointing:
+            log.info("fast CPU path: activation checkpointing off (per-group backward bounds memory instead "
+                     "of recomputing every layer)")
         # transformers 5 reads `activation_checkpointing`; `gradient_checkpointing` is only its
         # deprecated alias, copied over at construction, so both must be cleared here.
         training_args.gradient_checkpointing = training_args.activation_checkpointing = False
         training_args.train_sampling_strategy = "group_by_length"  # less padding per batch
         if model_args is not None and not model_args.attn_implementation:
             # torch's CPU flash-attention backward is slow for Gemma's 256-wide heads: eager
-            # attention trained 5-15% more tokens/s here (benchmarks/train_throughput.py).
+            # attention trains faster (benchmarks/train_throughput.py, variant phisum-sdpa).
             model_args.attn_implementation = "eager"
     if not torch.cuda.is_available() and training_args.fp16:
         raise ValueError("fp16 needs a GPU; on CPU use bf16: true (phi-2 overflows in fp16 anyway)")
     return fast
+
+
+def resume_checkpoint(training_args) -> str | None:
+    """The checkpoint to resume from: `latest`/`true` means the newest COMPLETE one in output_dir.
+
+    A run killed while saving leaves a checkpoint folder without its trainer state or
+    weights; resuming from it would fail deep inside the Trainer, so it is skipped with a
+    note. A named folder that is incomplete is an error naming what is missing."""
+    resume = training_args.resume_from_checkpoint
+    if not resume or str(resume).lower() in ("false", "none"):
+        return None
+    if str(resume).lower() in ("true", "latest"):
+        root = Path(training_args.output_dir)
+        found = sorted((p for p in root.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+                       key=lambda p: int(p.name.split("-")[-1]), reverse=True) if root.is_dir() else []
+        for folder in found:
+            missing = checkpoint_missing(folder)
+            if not missing:
+                return str(folder)
+            print(f"[phisum] skipping {folder.name}: incomplete ({missing})", file=sys.stderr)
+        raise ValueError(f"--resume_from_checkpoint {resume}: no complete checkpoint in {root}")
+    missing = checkpoint_missing(Path(resume))
+    if missing:
+        raise ValueError(f"--resume_from_checkpoint {resume}: not a complete checkpoint ({missing})")
+    return str(resume)
+
+
+def checkpoint_missing(folder: Path) -> str:
+    """What a checkpoint folder lacks to resume from, or '' when it is complete."""
+    if not folder.is_dir():
+        return "no such folder"
+    wanted = ["trainer_state.json", "optimizer.pt", "scheduler.pt"]
+    missing = [name for name in wanted if not (folder / name).is_file()]
+    if not any(folder.glob("*.safetensors")):
+        missing.append("weights (*.safetensors)")
+    try:
+        json.loads((folder / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        missing.append("a readable trainer_state.json") if "trainer_state.json" not in missing else None
+    return ", ".join(missing)
 
 
 # --------------------------------------------------------------- outputs
@@ -289,24 +377,20 @@ def train(pargs, training_args, model_args, argv: list[str]) -> dict | None:
     push, training_args.push_to_hub = training_args.push_to_hub, False  # we push the adapter, not the Trainer
     if push and not training_args.hub_model_id:
         raise ValueError("--push_to_hub needs --hub_model_id user/name")
+    adapter_dir = check_run(pargs, training_args)
     model, tokenizer, base_id = load_model(pargs, model_args, fast)
     train_rows, eval_rows, reports = load_examples(pargs, tokenizer.eos_token)
     for report in reports:
         print(f"[phisum] data: {report.summary()}", file=sys.stderr)
     if training_args.eval_strategy != "no" and not eval_rows:
         raise ValueError("eval_strategy is set but there is no eval data; set eval_split or eval_strategy: 'no'")
-    model = add_lora(model, model_args, base_id, training_args.gradient_checkpointing)
+    model = add_lora(model, model_args, base_id, training_args.activation_checkpointing)
     trainer = build_trainer(model, tokenizer, train_rows, eval_rows, training_args, fast)
     report_truncation(trainer, train_rows, eval_rows, reports, training_args.max_length)
-    resume = training_args.resume_from_checkpoint
-    if isinstance(resume, str) and resume.lower() in ("true", "latest"):
-        resume = True
-    trainer.train(resume_from_checkpoint=resume or None)
+    trainer.train(resume_from_checkpoint=resume_checkpoint(training_args))
     if not trainer.is_world_process_zero():
         return None
-    adapter_dir = Path(pargs.adapter_dir or Path(training_args.output_dir) / "adapter")
-    adapter_dir.mkdir(parents=True, exist_ok=True)
-    trainer.accelerator.unwrap_model(trainer.model).save_pretrained(adapter_dir)
+    save_adapter(trainer, adapter_dir)
     summary = summarize_run(trainer, reports, argv, train_rows, time.perf_counter() - start, fast)
     summary["adapter_dir"] = str(adapter_dir)
     (adapter_dir / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -327,8 +411,7 @@ def main(argv: list[str] | None = None) -> int:
         if not argv:
             return 2
     # OMP_WAIT_POLICY is left to the user: PASSIVE helps when other processes hold the
-    # cores (3.1 s vs 9.6 s for one forward under load) but costs ~25% of training speed
-    # on an idle machine (420 vs 550 trained tokens/s here), the usual case for training.
+    # cores but slows training on an idle machine, the usual case (README, Training).
     from phisum.train_config import parse_recipe
 
     logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")

@@ -20,14 +20,15 @@ def dialogsum_dir() -> str | None:
 
 
 @contextlib.contextmanager
-def serve(engine, data_dir: str | None = None):
-    from phisum.ui import CSS, THEME, build_demo
+def serve(backend, data_dir: str | None = None):
+    from phisum.ui import build_demo, launch_options
 
-    demo = build_demo(engine, data_dir)
+    demo = build_demo(backend, data_dir)
     port = free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-                theme=THEME, css=CSS)
+                **launch_options())
     try:
         yield f"http://127.0.0.1:{port}/", demo
     finally:
         demo.close()
+        demo.run_folders.close()

@@ -9,6 +9,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data"
+EMBEDDED_ADAPTERS = ROOT / "assets" / "adapters" / "embedded"
 
 
 def require_data(sub: str) -> Path:
@@ -25,7 +26,8 @@ def make_tiny_adapter(path: Path, trained: bool, seed: int = 1) -> Path:
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from phisum.profiles import PROFILES, build_tiny_model
+    from phisum.models import build_tiny_model
+    from phisum.profiles import PROFILES
 
     torch.manual_seed(seed)
     config = LoraConfig(r=8, lora_alpha=16, target_modules=list(PROFILES["tiny"].lora_target_modules),
@@ -51,7 +53,8 @@ def tiny_adapters(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def tiny_engine(tiny_adapters):
-    from phisum.engine import Engine
+def tiny_backend(tiny_adapters):
+    """The transformers backend on the tiny profile with real peft adapters."""
+    from phisum.backends import load_backend
 
-    return Engine.load("tiny", adapters={k: str(v) for k, v in tiny_adapters.items()}, progress=False)
+    return load_backend("tiny", "transformers", {k: str(v) for k, v in tiny_adapters.items()}, progress=False)

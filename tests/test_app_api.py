@@ -8,6 +8,7 @@ import pytest
 from gradio_client import Client
 from gradio_client.exceptions import AppError
 
+from phisum import inference
 from phisum.generation import GenerationSettings
 from tests.app_server import dialogsum_dir, serve
 
@@ -16,18 +17,18 @@ SETTINGS = (24, False, 0.7, 0.9)  # max new tokens, sample, temperature, top-p
 
 
 @pytest.fixture(scope="module")
-def client(tiny_engine):
-    with serve(tiny_engine, dialogsum_dir()) as (url, _):
+def client(tiny_backend):
+    with serve(tiny_backend, dialogsum_dir()) as (url, _):
         yield Client(url, verbose=False)
 
 
 @pytest.fixture(scope="module")
 def bare_client():
     """An app whose adapters are missing."""
-    from phisum.engine import Engine
+    from phisum.backends import load_backend
 
-    engine = Engine.load("tiny", adapters={"dialogsum": "/nonexistent/dialogsum"}, progress=False)
-    with serve(engine) as (url, _):
+    backend = load_backend("tiny", "transformers", {"dialogsum": "/nonexistent/dialogsum"}, progress=False)
+    with serve(backend) as (url, _):
         yield Client(url, verbose=False)
 
 
@@ -36,12 +37,20 @@ def test_every_event_has_an_explicit_api_name(client):
     assert {"/summarize", "/chat", "/chat_model", "/live_rouge"} <= names
 
 
-def test_summarize_returns_base_and_adapter_side_by_side(client, tiny_engine):
+def test_summarize_returns_base_and_adapter_side_by_side(client, tiny_backend):
     base, base_stats, tuned, tuned_stats, diff, note = client.predict(DIALOGUE, *SETTINGS, api_name="/summarize")
     assert base and tuned and base != tuned
     assert "new tokens" in base_stats and "new tokens" in tuned_stats
-    pair = tiny_engine.compare([DIALOGUE], "dialogsum", GenerationSettings(max_new_tokens=24))[0]
-    assert (base, tuned) == (pair[0].display, pair[1].display)  # the app shows exactly the engine's output
+    pair = inference.compare(tiny_backend, [DIALOGUE], settings=GenerationSettings(max_new_tokens=24))[0]
+    assert (base, tuned) == (pair[0].display, pair[1].display)  # the app shows exactly the backend's output
+
+
+def test_any_two_systems_can_be_compared(client, tiny_backend):
+    left, _, right, _, _, _ = client.predict(DIALOGUE, *SETTINGS, "zero", "oasst", api_name="/summarize")
+    pair = inference.compare(tiny_backend, [DIALOGUE], ("zero", "oasst"), GenerationSettings(max_new_tokens=24))[0]
+    assert (left, right) == (pair[0].display, pair[1].display)
+    with pytest.raises(AppError, match="not in the list of choices"):  # gradio checks the dropdown itself
+        client.predict(DIALOGUE, *SETTINGS, "base", "nope", api_name="/summarize")
 
 
 @pytest.mark.parametrize("bad, message", [("", "empty"), ("  \n ", "empty"), ("\x00\x01\x02\x03" * 50, "binary")])
@@ -104,8 +113,9 @@ def test_concurrent_requests_all_get_the_same_answer(client):
 
 
 def test_live_rouge_scores_base_and_adapter(client, tmp_path):
-    note, table, aggregate, chart, archive = client.predict(3, 7, 24, api_name="/live_rouge")
-    assert "Data:" in note and "ROUGE-1" in aggregate and "adapter − base" in aggregate
+    note, table, aggregate, chart, archive = client.predict(3, 7, 24, "base", "dialogsum", False,
+                                                            api_name="/live_rouge")
+    assert "Data:" in note and "ROUGE-1" in aggregate and "dialogsum - base" in aggregate
     assert len(table["data"]) == 3
     assert chart and open(chart, "rb").read(8).startswith(b"\x89PNG")
     names = zipfile.ZipFile(archive).namelist()
@@ -115,7 +125,7 @@ def test_live_rouge_scores_base_and_adapter(client, tmp_path):
 @pytest.mark.parametrize("n", [0, 51, 2.5])
 def test_live_rouge_rejects_n_out_of_range(client, n):
     with pytest.raises(AppError):
-        client.predict(n, 0, 24, api_name="/live_rouge")
+        client.predict(n, 0, 24, "base", "dialogsum", False, api_name="/live_rouge")
 
 
 def test_missing_adapter_is_said_plainly(bare_client):

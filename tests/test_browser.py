@@ -19,28 +19,28 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--d
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_adapters):
-    from phisum.engine import Engine
+def backend(tiny_adapters):
+    from phisum.backends import load_backend
 
     if os.environ.get("PHISUM_BROWSER_PROFILE") == "embedded":
-        return Engine.load("embedded", progress=False)
-    return Engine.load("tiny", adapters={k: str(v) for k, v in tiny_adapters.items()}, progress=False)
+        return load_backend("embedded", os.environ.get("PHISUM_BROWSER_BACKEND", "auto"), progress=False)
+    return load_backend("tiny", "transformers", {k: str(v) for k, v in tiny_adapters.items()}, progress=False)
 
 
-def test_three_tabs_in_chromium(engine, tmp_path):
+def test_three_tabs_in_chromium(backend, tmp_path):
     if not Path(CHROMIUM).exists():
         pytest.skip("Debian's chromium is not installed (apt-get install -y chromium)")
     sync_api = pytest.importorskip("playwright.sync_api")
     shots = Path(os.environ.get("PHISUM_SCREENSHOTS") or tmp_path)
     shots.mkdir(parents=True, exist_ok=True)
-    slow = 1000 * (600 if engine.profile.name == "embedded" else 60)
+    slow = 1000 * (600 if backend.profile.name == "embedded" else 60)
     # Live ROUGE reads the bundled samples (the offline default): screenshots never show ../shared/data text.
-    with serve(engine) as (url, _), sync_api.sync_playwright() as p:
+    with serve(backend) as (url, _), sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         page = browser.new_page(viewport={"width": 1280, "height": 900})
         page.goto(url)
         page.wait_for_selector("#dialogue textarea", timeout=60_000)
-        assert engine.profile.base_model in page.inner_text("#header")
+        assert backend.profile.base_model in page.inner_text("#header")
 
         # Tab 1: before / after
         page.get_by_text("Sample dialogues").scroll_into_view_if_needed()

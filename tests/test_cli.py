@@ -56,3 +56,43 @@ def test_terminal_chat_streams_a_reply(tiny_adapters):
     out = run("--profile", "tiny", "--adapter-source", f"oasst={tiny_adapters['oasst']}", "chat",
               "--max-new-tokens", "8", stdin="Hello!\n\n")
     assert out.returncode == 0 and "bot> " in out.stdout and "you> " in out.stdout
+
+
+def test_global_options_work_before_or_after_the_command(tiny_adapters):
+    before = run("--profile", "tiny", "--backend", "transformers", "info")
+    after = run("info", "--profile", "tiny", "--backend", "transformers")
+    assert before.returncode == after.returncode == 0, after.stderr
+    assert json.loads(before.stdout)["profile"] == json.loads(after.stdout)["profile"] == "tiny"
+    out = run("summarize", "-", "--profile", "tiny", "--adapter", "base", "--max-new-tokens", "4", stdin=DIALOGUE)
+    assert out.returncode == 0, out.stderr
+
+
+def test_info_says_why_the_profile_and_backend_were_chosen():
+    info = json.loads(run("--profile", "tiny", "info").stdout)
+    assert "from --profile" in info["why"] and info["backend"] == "transformers"
+    assert "ships no GGUF" in info["why"]  # auto: the tiny profile has no llama.cpp model
+
+
+def test_unbounded_and_invalid_input_is_refused_in_one_line(tmp_path):
+    """/dev/zero, endless pipes and invalid UTF-8 stop at the read with one line, under a memory cap."""
+    import resource
+
+    def cap():  # 6 GB of address space: an unbounded read would be killed, not answered
+        resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))
+
+    zero = subprocess.run([sys.executable, "-m", "phisum", "--profile", "tiny", "summarize", "/dev/zero"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=180, preexec_fn=cap,
+                          env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    assert zero.returncode == 2 and zero.stderr.strip().count("\n") == 0 and "over 4 MB" in zero.stderr
+    bad = run("--profile", "tiny", "summarize", "-", "--adapter", "base", stdin=None)
+    assert bad.returncode == 2
+    invalid = subprocess.run([sys.executable, "-m", "phisum", "--profile", "tiny", "summarize", "-"],
+                             input=b"#Person1#: caf\xe9\n", capture_output=True, cwd=ROOT, timeout=180,
+                             env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    assert invalid.returncode == 2 and b"not UTF-8" in invalid.stderr and b"Traceback" not in invalid.stderr
+
+
+def test_bad_global_option_values_are_one_line():
+    for args in (["--threads", "-1", "info"], ["--profile", "llama", "info"], ["--backend", "tgi", "info"]):
+        out = run(*args)
+        assert out.returncode == 2 and "Traceback" not in out.stderr, (args, out.stderr)

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from phisum import data
+from phisum.tasks import TASKS
 from tests.conftest import require_data
 
 
@@ -95,14 +96,14 @@ def test_xsum_bad_rows_counted_and_prompt(tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     kept, report = data.load_xsum(path)
     assert len(kept) == 1 and sum(report.bad.values()) == 2
-    example = data.xsum_examples(kept, "</s>")[0]
+    example = TASKS["xsum"].examples(kept, "</s>")[0]
     assert example["prompt"] == "Article: A long article.\n\nSummarize the above article in one sentence.\nSummary: "
     assert example["completion"] == "Short.</s>"
 
 
 def test_dialogsum_examples_prompt_ends_at_output():
     rows, _ = data.load_dialogsum(require_data("dialogsum"), "train")
-    examples = data.dialogsum_examples(rows[:3], "<eos>")
+    examples = TASKS["dialogsum"].examples(rows[:3], "<eos>")
     assert all(e["prompt"].endswith("Output:\n") and e["completion"].endswith("<eos>") for e in examples)
 
 
@@ -111,11 +112,11 @@ def test_completion_only_labels_keep_eos():
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    from phisum.profiles import build_tiny_model, build_tiny_tokenizer
+    from phisum.models import build_tiny_model, build_tiny_tokenizer
 
     tokenizer = build_tiny_tokenizer()
-    rows = data.dialogsum_examples([{"dialogue": "#Person1#: Hi.", "summaries": ["A greeting."]}],
-                                   tokenizer.eos_token)
+    rows = TASKS["dialogsum"].examples([{"dialogue": "#Person1#: Hi.", "summaries": ["A greeting."]}],
+                                       tokenizer.eos_token)
     trainer = SFTTrainer(model=build_tiny_model(), processing_class=tokenizer, train_dataset=Dataset.from_list(rows),
                          args=SFTConfig(output_dir="unused", use_cpu=True, bf16=False, report_to="none"))
     row = trainer.train_dataset[0]

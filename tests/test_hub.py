@@ -124,15 +124,17 @@ def test_dry_run_folder_holds_only_the_allow_list(adapter_folder, tmp_path, caps
 
 
 def test_dry_run_adapter_loads_onto_the_tiny_base_unchanged(adapter_folder, tmp_path):
-    from phisum.engine import Engine
+    from phisum import inference
+    from phisum.backends import load_backend
     from phisum.generation import GenerationSettings
 
     out = push_adapter(adapter_folder, "someone/tiny-dialogsum", dry_run_dir=tmp_path / "out")
-    engine = Engine.load("tiny", adapters={"source": str(adapter_folder), "pushed": str(out)}, progress=False)
-    assert engine.missing == {}
+    backend = load_backend("tiny", "transformers", {"source": str(adapter_folder), "pushed": str(out)},
+                           progress=False)
+    assert backend.missing == {}
     settings = GenerationSettings(max_new_tokens=8)
-    source, pushed, base = (engine.summarize(["#Person1#: Hi.\n#Person2#: Hello."], system, settings)[0].text
-                            for system in ("source", "pushed", "base"))
+    source, pushed, base = (inference.summarize(backend, ["#Person1#: Hi.\n#Person2#: Hello."], system,
+                                                settings)[0].text for system in ("source", "pushed", "base"))
     assert pushed == source != base
 
 
@@ -316,13 +318,13 @@ def test_space_readme_front_matter_is_checked(tmp_path):
             check_space_readme(readme)
 
 
-def test_space_variables_are_hub_ids_the_profiles_read(monkeypatch, tmp_path):
+def test_space_variables_are_hub_ids_the_profiles_read(tmp_path):
+    from phisum.config import from_env
     from phisum.profiles import PROFILES
 
     variables = space_variables("someone/dialogsum@v2", "someone/oasst", None)
-    for key, value in variables.items():
-        monkeypatch.setenv(key, value)
-    assert PROFILES["embedded"].adapter_sources() == {"dialogsum": "someone/dialogsum@v2", "oasst": "someone/oasst"}
+    sources = PROFILES["embedded"].adapter_sources(from_env(variables).adapters)
+    assert (sources["dialogsum"], sources["oasst"]) == ("someone/dialogsum@v2", "someone/oasst")
     with pytest.raises(PublishError, match="Hub repo id"):
         space_variables(str(tmp_path), None, None)
     with pytest.raises(PublishError, match="Hub repo id"):
@@ -342,7 +344,7 @@ def test_deploy_space_to_fake_hub(tmp_path):
             "PHISUM_ADAPTER_DIALOGSUM": "someone/dialogsum@v1", "PHISUM_ADAPTER_OASST": "someone/oasst"}
         files = hub.files("someone/phisum")
         assert files["README.md"] == SPACE_README.encode()
-        assert {"app.py", "phisum/engine.py", "assets/samples/dialogues.jsonl"} <= set(files)
+        assert {"app.py", "phisum/backends/hf.py", "assets/samples/dialogues.jsonl"} <= set(files)
         assert not [f for f in files if "__pycache__" in f or f.startswith("outputs/") or f.endswith(".env")]
         assert_token_never_sent(hub)
     assert TOKEN not in result.stdout + result.stderr

@@ -8,7 +8,8 @@ from phisum.train_config import parse_recipe
 
 RECIPES = sorted((Path(__file__).resolve().parent.parent / "phisum" / "recipes").rglob("*.yaml"))
 EXPECTED = {"dialogsum/phi2_lora_8bit.yaml", "dialogsum/phi2_lora_fp16.yaml", "oasst1/phi2_qlora.yaml",
-            "xsum/phi2_qlora.yaml", "dialogsum/embedded_cpu.yaml", "oasst1/embedded_cpu.yaml"}
+            "xsum/phi2_qlora.yaml", "dialogsum/embedded_cpu.yaml", "oasst1/embedded_cpu.yaml",
+            "dialogsum/embedded_cpu_full.yaml"}
 
 
 def test_all_issue_recipes_exist():
@@ -24,6 +25,9 @@ def test_recipe_parses(recipe):
     pargs, sft, model = parse_recipe(["--config", str(recipe)])
     assert model.use_peft and model.lora_r > 0 and model.lora_target_modules
     assert sft.output_dir and pargs.task in ("dialogsum", "oasst", "xsum")
+    # a recipe never writes into the committed adapters: that needs an explicit --adapter_dir
+    assert not str(pargs.adapter_dir or "").startswith("assets"), pargs.adapter_dir
+    assert sft.activation_checkpointing is not None  # set explicitly: no deprecated-alias warning
     if pargs.profile == "phi2":
         # peft's phi defaults (q_proj, v_proj, fc1, fc2) are not what the issue asks for.
         assert set(model.lora_target_modules) == {"q_proj", "k_proj", "v_proj", "dense"}
@@ -35,7 +39,7 @@ def test_phi2_8bit_recipe_values():
     assert (model.lora_r, model.lora_alpha, model.lora_dropout, model.load_in_8bit) == (64, 32, 0.05, True)
     assert (sft.learning_rate, sft.per_device_train_batch_size, sft.gradient_accumulation_steps) == (2e-4, 4, 4)
     assert (sft.max_steps, sft.warmup_steps, sft.eval_steps, sft.save_steps) == (1000, 100, 25, 25)
-    assert sft.optim == "paged_adamw_8bit" and sft.gradient_checkpointing
+    assert sft.optim == "paged_adamw_8bit" and sft.activation_checkpointing
 
 
 def test_xsum_recipe_values():
@@ -63,3 +67,19 @@ def test_bad_task_is_refused(tmp_path):
     bad.write_text("task: poetry\noutput_dir: out\n")
     with pytest.raises(ValueError, match="task must be one of"):
         parse_recipe(["--config", str(bad)])
+
+
+def test_malformed_yaml_is_one_clear_error(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("profile: tiny\nuse_peft: [true\noutput_dir: out\n")
+    with pytest.raises(ValueError, match="not valid YAML"):
+        parse_recipe(["--config", str(bad)])
+
+
+def test_recipes_parse_without_deprecation_warnings():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        for recipe in RECIPES:
+            parse_recipe(["--config", str(recipe)])

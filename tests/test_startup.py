@@ -24,8 +24,8 @@ def test_frozen_imports_freezes_and_restores_the_collector():
         gc.enable()
 
 
-def test_importing_the_engine_freezes_torch_and_transformers():
-    probe = ("import gc, sys\nfrom phisum.engine import Engine\n"
+def test_importing_the_transformers_backend_freezes_torch_and_transformers():
+    probe = ("import gc, sys\nfrom phisum.backends.hf import TransformersBackend\n"
              "print(gc.isenabled(), gc.get_freeze_count(), 'transformers.modeling_utils' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
     enabled, frozen, modeling = out.stdout.split()

@@ -96,7 +96,7 @@ def test_fast_path_settings(tmp_path, data_dir):
 
 
 def test_qlora_4bit_trl_trainer(tmp_path, data_dir):
-    from phisum.profiles import save_tiny
+    from phisum.models import save_tiny
 
     tiny = save_tiny(tmp_path / "tiny")
     recipe = write_recipe(tmp_path, data_dir, profile="none", model_name_or_path=str(tiny), load_in_4bit=True,
@@ -108,7 +108,7 @@ def test_qlora_4bit_trl_trainer(tmp_path, data_dir):
 
 
 def test_lora_8bit_paged_adamw8bit_fast_trainer(tmp_path, data_dir):
-    from phisum.profiles import save_tiny
+    from phisum.models import save_tiny
 
     tiny = save_tiny(tmp_path / "tiny")
     recipe = write_recipe(tmp_path, data_dir, profile="none", model_name_or_path=str(tiny), load_in_8bit=True,
@@ -262,7 +262,7 @@ def test_accelerate_two_processes_one_adapter(tmp_path, data_dir):
 
     from peft import PeftModel
 
-    from phisum.profiles import build_tiny_model
+    from phisum.models import build_tiny_model
 
     PeftModel.from_pretrained(build_tiny_model(), tmp_path / "ad")
 
@@ -273,3 +273,92 @@ def test_recorded_command_never_keeps_a_hub_token():
     token = "hf_" + "a" * 34
     command = _redacted_command(["--config", "x.yaml", "--hub_token", token, f"--hub_token={token}"])
     assert token not in command and command.count("***") == 2
+
+
+# ------------------------------------------------------------------ nothing lost, nothing wasted
+
+def test_an_existing_adapter_is_never_overwritten_without_the_flag(tmp_path, data_dir):
+    adapter = tmp_path / "ad"
+    adapter.mkdir()
+    (adapter / "adapter_model.safetensors").write_bytes(b"the user's adapter")
+    pargs, sft, margs = parse_recipe(["--config", str(write_recipe(tmp_path, data_dir, adapter_dir=str(adapter)))])
+    with pytest.raises(ValueError, match="--overwrite"):
+        training.train(pargs, sft, margs, [])
+    assert (adapter / "adapter_model.safetensors").read_bytes() == b"the user's adapter"
+    pargs, sft, margs = parse_recipe(["--config", str(write_recipe(tmp_path, data_dir, adapter_dir=str(adapter))),
+                                      "--overwrite", "true", "--max_steps", "1"])
+    training.train(pargs, sft, margs, [])
+    assert (adapter / "adapter_model.safetensors").read_bytes() != b"the user's adapter"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".ad")] == []  # no temp folders left
+
+
+@pytest.mark.parametrize("overrides, message", [({"max_steps": 0}, "trains nothing"),
+                                                ({"seed": 2**70}, "seed must be")])
+def test_runs_that_would_train_nothing_or_crash_are_refused_before_loading(tmp_path, data_dir, overrides, message):
+    pargs, sft, margs = parse_recipe(["--config", str(write_recipe(tmp_path, data_dir, **overrides))])
+    with pytest.raises(ValueError, match=message):
+        training.check_run(pargs, sft)
+
+
+def test_one_file_source_holds_out_eval_rows_instead_of_evaluating_on_train(tmp_path, data_dir, capsys):
+    one = tmp_path / "all.jsonl"
+    one.write_text((data_dir / "train.jsonl").read_text() * 3)
+    rows = [json.loads(line) for line in one.read_text().splitlines()]
+    for i, row in enumerate(rows):
+        row["fname"] = f"row_{i}"
+    one.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pargs, sft, margs = parse_recipe(["--config", str(write_recipe(tmp_path, data_dir, dataset_source=str(one),
+                                                                   eval_fraction=0.3))])
+    train, evaluation, _ = training.load_examples(pargs, "<eos>")
+    assert evaluation and train and len(train) + len(evaluation) == 24
+    assert not {e["prompt"] + e["completion"] for e in evaluation} & {t["prompt"] + t["completion"] for t in train} \
+        or len({e["prompt"] for e in evaluation}) < len(evaluation)  # duplicated rows may repeat text
+    assert "holding out" in capsys.readouterr().err
+
+
+def test_resume_skips_a_half_written_checkpoint(tmp_path, data_dir):
+    out = tmp_path / "run"
+    good, broken = out / "checkpoint-2", out / "checkpoint-4"
+    good.mkdir(parents=True)
+    for name in ("trainer_state.json", "optimizer.pt", "scheduler.pt", "adapter_model.safetensors"):
+        (good / name).write_text("{}")
+    broken.mkdir()
+    (broken / "trainer_state.json").write_text("{}")  # killed while saving: no weights, no optimizer
+    _, sft, _ = parse_recipe(["--config", str(write_recipe(tmp_path, data_dir)), "--resume_from_checkpoint", "latest"])
+    assert training.resume_checkpoint(sft) == str(good)
+    _, sft, _ = parse_recipe(["--config", str(write_recipe(tmp_path, data_dir)), "--resume_from_checkpoint",
+                              str(broken)])
+    with pytest.raises(ValueError, match="not a complete checkpoint"):
+        training.resume_checkpoint(sft)
+
+
+def test_per_group_backward_gives_the_one_backward_gradients(tmp_path, data_dir):
+    """Bounding memory by one backward per length group must not change the gradients."""
+    from datasets import Dataset
+
+    from phisum.fast_trainer import CompletionOnlySFTTrainer
+
+    pargs, sft, margs = parse_recipe(["--config", str(write_recipe(tmp_path, data_dir, bf16=False, lora_dropout=0.0,
+                                                                   per_device_train_batch_size=8))])
+    training.choose_fast_path(pargs, sft, margs)
+    model, tokenizer, base_id = training.load_model(pargs, margs, True)
+    rows, _, _ = training.load_examples(pargs, tokenizer.eos_token)
+    model = training.add_lora(model, margs, base_id, False)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    grads = []
+    for max_group_tokens in (None, 64):  # one backward per batch; one per group of at most 64 tokens
+        model.zero_grad()
+        trainer = CompletionOnlySFTTrainer(model=model, args=sft, train_dataset=Dataset.from_list(rows),
+                                           processing_class=tokenizer, max_group_tokens=max_group_tokens,
+                                           autocast_bf16=False)
+        batch = next(iter(trainer.get_train_dataloader()))
+        trainer.create_optimizer()
+        trainer.current_gradient_accumulation_steps = 1  # set by the training loop
+        loss = trainer.training_step(model, batch)
+        grads.append((float(loss), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (loss_a, a), (loss_b, b) = grads
+    assert loss_a == pytest.approx(loss_b, rel=1e-5) and a.keys() == b.keys() and a
+    assert all(torch.allclose(a[n], b[n], atol=1e-6, rtol=1e-4) for n in a)

