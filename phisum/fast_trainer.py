@@ -32,12 +32,12 @@ def keep_freed_memory(limit: int = 1 << 30) -> bool:
     By default glibc serves blocks above its mmap threshold (32 MB at most) with
     fresh mmaps and unmaps them on free. A CPU training step allocates and frees
     hundreds of such blocks (activations, logits, gradients), so every step the
-    kernel faults in and zero-fills gigabytes again: measured here, 40% of the
-    process's CPU time was system time. Serving blocks up to `limit` from the
-    heap and never trimming it keeps those pages mapped: 1.5x trained tokens/s
-    on Gemma 3 270M with identical losses (benchmarks/train_throughput.py), for
-    10-20% more peak RSS (15 -> 18 GB for the DialogSum recipe). Process-wide; a
-    no-op (False) off glibc."""
+    kernel faults in and zero-fills gigabytes again, and much of the process's CPU
+    time becomes system time. Serving blocks up to `limit` from the heap and
+    never trimming it keeps those pages mapped: faster steps with identical
+    losses, for somewhat more peak RSS (benchmarks/train_throughput.py, variant
+    phisum-trim, and the README's Training section). Process-wide; a no-op
+    (False) off glibc."""
     import ctypes
     import sys
 

@@ -2,10 +2,9 @@
 
 Importing torch and transformers builds ~640k long-lived objects. CPython runs a
 full collection each time the tracked heap grows by a quarter, so the import
-keeps rescanning everything it has built so far: the embedded model's cold start
-takes 4.14 s that way and 3.54 s with this (benchmarks/cold_start.py). Afterwards
-every full collection would walk them again (0.23 s each after loading the
-engine, 0.002 s once they are frozen). Module-level objects live as long as the
+keeps rescanning everything it has built so far (benchmarks/cold_start.py times
+the start with and without this). Afterwards every full collection would walk
+them again, unless they are frozen. Module-level objects live as long as the
 process, so they go into the permanent generation instead. What is frozen is
 never collected: only use this around imports, never around code that builds
 models or data.

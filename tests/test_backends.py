@@ -28,7 +28,8 @@ def llamacpp_backend():
     from phisum.backends import load_backend
 
     backend = load_backend("embedded", "llamacpp", {"dialogsum": str(EMBEDDED_ADAPTERS / "dialogsum"),
-                                                    "gone": "/nonexistent/adapter"}, n_parallel=4, progress=False)
+                                                    "gone": "/nonexistent/adapter"}, n_parallel=4, threads=1,
+                           progress=False)
     yield backend
     backend.close()
 
@@ -39,7 +40,7 @@ def openai_backend(llamacpp_backend):
     from phisum.backends.openai_compat import OpenAIBackend
     from phisum.profiles import PROFILES
 
-    return OpenAIBackend(PROFILES["embedded"], llamacpp_backend.base_url, api_key=llamacpp_backend.api_key,
+    return OpenAIBackend(PROFILES["embedded"], llamacpp_backend.url, api_key=llamacpp_backend._secret,
                          expected_adapters=["dialogsum", "gone"])
 
 
@@ -158,3 +159,24 @@ def test_llamacpp_records_a_missing_adapter_and_serves(llamacpp_backend, openai_
         assert "gone" in b.missing and "gone" not in b.systems
         with pytest.raises(InputError, match="not available"):
             b.require("gone")
+
+
+@pytest.mark.slow
+@needs_llamacpp
+def test_the_app_serves_through_an_openai_compatible_llama_cpp_server(openai_backend):
+    """The Space pointed at a server (--backend openai --base-url ...): every endpoint answers through it."""
+    from gradio_client import Client
+
+    from tests.app_server import serve
+
+    with serve(openai_backend) as (url, demo):
+        client = Client(url, verbose=False)
+        base, base_stats, tuned, tuned_stats, _, note = client.predict(DIALOGUES[0], 48, False, 0.7, 0.9,
+                                                                       api_name="/summarize")
+        pair = inference.compare(openai_backend, DIALOGUES[:1], settings=GenerationSettings(max_new_tokens=48))[0]
+        assert (base, tuned) == (pair[0].display, pair[1].display) and base != tuned
+        assert "new tokens" in tuned_stats
+        assert client.predict("What is the capital of France?", True, 24, False, 0.7, 0.9, api_name="/chat").strip()
+        _, table, aggregate, chart, _ = client.predict(2, 0, 32, "base", "dialogsum", False, api_name="/live_rouge")
+        assert len(table["data"]) == 2 and "ROUGE-1" in aggregate
+        assert demo.backend.name == "openai"

@@ -19,7 +19,6 @@ import abc
 import threading
 from collections.abc import Iterator, Sequence
 
-from phisum.adapters import adapter_display  # noqa: F401  (backends show adapter sources with it)
 from phisum.generation import BASE, Generation, GenerationSettings, InputError
 from phisum.profiles import Profile
 
