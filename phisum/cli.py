@@ -105,11 +105,12 @@ def read_input(name: str, limit: int = MAX_INPUT_BYTES) -> str:
 def cmd_summarize(args) -> int:
     from phisum import inference
     from phisum.config import open_backend
-    from phisum.generation import BASE
+    from phisum.generation import BASE, validate_text
     from phisum.tasks import get_task
 
-    text = read_input(args.file)  # before loading the model: bad input fails fast
     task = get_task(args.task)
+    text = read_input(args.file)  # before loading the model: bad input fails fast
+    validate_text(text, task.input_word)  # empty, NUL bytes, binary: also before the model loads
     choice = args.adapter or task.adapter
     pair = (BASE, task.adapter) if choice == "both" else tuple(choice.split(",")) if "," in choice else None
     if pair is not None and len(pair) != 2:

@@ -26,33 +26,6 @@ from transformers import TrainerCallback
 from trl import SFTTrainer
 
 
-def keep_freed_memory(limit: int = 1 << 30) -> bool:
-    """Ask glibc to keep freed memory for reuse instead of returning it to the kernel.
-
-    By default glibc serves blocks above its mmap threshold (32 MB at most) with
-    fresh mmaps and unmaps them on free. A CPU training step allocates and frees
-    hundreds of such blocks (activations, logits, gradients), so every step the
-    kernel faults in and zero-fills gigabytes again, and much of the process's CPU
-    time becomes system time. Serving blocks up to `limit` from the heap and
-    never trimming it keeps those pages mapped: faster steps with identical
-    losses, for somewhat more peak RSS (benchmarks/train_throughput.py, variant
-    phisum-trim, and the README's Training section). Process-wide; a no-op
-    (False) off glibc."""
-    import ctypes
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):  # musl and others: nothing to tune
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    # glibc < 2.35 caps the mmap threshold at 32 MB on 64-bit: fall back to the cap.
-    ok = bool(mallopt(m_mmap_threshold, limit) or mallopt(m_mmap_threshold, 32 << 20))
-    return bool(mallopt(m_trim_threshold, 2**31 - 1)) and ok
-
-
 def output_head(model):
     """The module that maps hidden states to vocabulary logits (through DDP/peft)."""
     inner = getattr(model, "module", model)  # DistributedDataParallel

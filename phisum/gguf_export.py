@@ -116,13 +116,32 @@ def _weights(adapter_dir: Path) -> Path:
     return adapter_dir / WEIGHTS
 
 
+def _has_bf16(weights: Path) -> bool:
+    """Whether the safetensors header lists a bfloat16 tensor (read from its JSON header only)."""
+    try:
+        with open(weights, "rb") as handle:
+            size = int.from_bytes(handle.read(8), "little")
+            if not 0 < size < 1 << 27:
+                return False  # not a safetensors header: safe_open reports the real problem
+            header = json.loads(handle.read(size) or b"{}")
+    except (OSError, ValueError):
+        return False  # likewise
+    if not isinstance(header, dict):
+        return False
+    return any(isinstance(v, dict) and v.get("dtype") == "BF16" for v in header.values())
+
+
 def load_lora_pairs(weights: Path) -> dict[str, tuple]:
     """HF module name (model.layers.0.self_attn.q_proj) -> (A (r x in), B (out x r)) as float32 numpy."""
+    import numpy as np
     from safetensors import SafetensorError, safe_open
 
     pairs: dict[str, dict] = {}
     try:
-        with safe_open(str(weights), framework="pt") as f:
+        # numpy, not torch: the llamacpp backend exports adapters without importing torch. numpy has
+        # no bfloat16, so an adapter saved in bf16 is read through torch instead.
+        framework = "pt" if _has_bf16(weights) else "np"
+        with safe_open(str(weights), framework=framework) as f:
             for key in f.keys():
                 m = _KEY.match(key)
                 if not m:
@@ -131,10 +150,12 @@ def load_lora_pairs(weights: Path) -> dict[str, tuple]:
                     what = "LoRA on embeddings or the LM head is not supported" if embedding else "not a LoRA weight"
                     raise GGUFExportError(f"cannot export {key}: {what}")
                 tensor = f.get_tensor(key)
-                if not tensor.is_floating_point() or tensor.dim() != 2:
+                if framework == "pt":
+                    tensor = tensor.float().numpy()
+                if tensor.dtype.kind != "f" or tensor.ndim != 2:
                     raise GGUFExportError(f"{key} is not a 2-D float tensor")
                 module = m["module"].replace("model.language_model.", "model.", 1)  # multimodal checkpoints
-                pairs.setdefault(module, {})[m["ab"]] = tensor.float().contiguous().numpy()
+                pairs.setdefault(module, {})[m["ab"]] = np.ascontiguousarray(tensor, dtype=np.float32)
     except SafetensorError as exc:
         raise GGUFExportError(f"cannot read {weights}: {_one_line(exc)}") from None
     if not pairs:

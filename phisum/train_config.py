@@ -81,8 +81,14 @@ def parse_recipe(argv: list[str]):
     argv = list(argv)
     if not torch.cuda.is_available() and not any(a.split("=")[0] == "--use_cpu" for a in argv):
         argv += ["--use_cpu", "true"]
+    parser = build_parser()
+
+    def refuse(message):  # argparse would print its usage block and exit; main prints this one line
+        raise ValueError(message)
+
+    parser.error = refuse
     try:
-        return build_parser().parse_args_and_config(args=argv)
+        return parser.parse_args_and_config(args=argv)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}: {getattr(exc, 'problem', 'syntax error')})" if mark else ""

@@ -195,10 +195,6 @@ def choose_fast_path(pargs, training_args, model_args=None) -> bool:
 
     fast = pargs.fast_cpu if pargs.fast_cpu is not None else not torch.cuda.is_available()
     if fast:
-        if not torch.cuda.is_available():
-            from phisum.fast_trainer import keep_freed_memory
-
-            keep_freed_memory()  # much faster steps on CPU: see its docstring
         if training_args.activation_checkpointing:
             log.info("fast CPU path: activation checkpointing off (per-group backward bounds memory instead "
                      "of recomputing every layer)")
@@ -378,6 +374,7 @@ def train(pargs, training_args, model_args, argv: list[str]) -> dict | None:
     if push and not training_args.hub_model_id:
         raise ValueError("--push_to_hub needs --hub_model_id user/name")
     adapter_dir = check_run(pargs, training_args)
+    resume = resume_checkpoint(training_args)  # a missing or half-written checkpoint fails before the model loads
     model, tokenizer, base_id = load_model(pargs, model_args, fast)
     train_rows, eval_rows, reports = load_examples(pargs, tokenizer.eos_token)
     for report in reports:
@@ -387,7 +384,7 @@ def train(pargs, training_args, model_args, argv: list[str]) -> dict | None:
     model = add_lora(model, model_args, base_id, training_args.activation_checkpointing)
     trainer = build_trainer(model, tokenizer, train_rows, eval_rows, training_args, fast)
     report_truncation(trainer, train_rows, eval_rows, reports, training_args.max_length)
-    trainer.train(resume_from_checkpoint=resume_checkpoint(training_args))
+    trainer.train(resume_from_checkpoint=resume)
     if not trainer.is_world_process_zero():
         return None
     save_adapter(trainer, adapter_dir)

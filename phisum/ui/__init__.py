@@ -24,11 +24,14 @@ def launch_options() -> dict:
     return {"theme": THEME, "css": CSS, "max_file_size": MAX_FILE_SIZE}
 
 
-def build_demo(backend, dialogsum_dir: str | None = None, hub: bool = False) -> gr.Blocks:
+def build_demo(backend, dialogsum_dir: str | None = None, hub: bool = False,
+               concurrency: int | None = None) -> gr.Blocks:
     """The three-tab app on one backend (phisum.backends.load_backend).
 
     dialogsum_dir: local DialogSum folder for the live ROUGE tab; hub: whether that tab may
-    try the Hub dataset (False offline)."""
+    try the Hub dataset (False offline); concurrency: events run at once (default: what the
+    backend batches, `backend.max_concurrency`; 1 serves one event at a time)."""
+    concurrency = concurrency or backend.max_concurrency
     with gr.Blocks(title="PhiSUM", delete_cache=CACHE_CLEANUP) as demo:
         gr.Markdown(header_markdown(backend), elem_id="header")
         with gr.Tabs():
@@ -37,7 +40,7 @@ def build_demo(backend, dialogsum_dir: str | None = None, hub: bool = False) -> 
             folders = create_rouge_tab(backend, dialogsum_dir, hub)
     # The backend batches what runs at once (micro-batching, server slots); a bounded queue
     # refuses the overflow with a clear "queue is full" message.
-    demo.queue(max_size=QUEUE_PER_SLOT * backend.max_concurrency, default_concurrency_limit=backend.max_concurrency)
+    demo.queue(max_size=QUEUE_PER_SLOT * max(concurrency, 4), default_concurrency_limit=concurrency)
     demo.backend = backend
     demo.run_folders = folders
     return demo

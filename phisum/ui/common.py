@@ -46,14 +46,36 @@ def header_markdown(backend) -> str:
     return "\n\n".join(lines)
 
 
+def checked_slider(minimum: float, maximum: float, **kwargs) -> gr.Slider:
+    """A gr.Slider whose value from an API client is checked before gradio's own range check,
+    which fails with a bare TypeError on null or a string (the client then sees only "the app
+    raised an exception") and lets NaN through (every comparison with NaN is false). Here each
+    is one line naming the slider; make_settings/as_int then see a finite number in range.
+    (Not a gr.Slider subclass: gradio writes a .pyi stub beside the module of every subclass.)"""
+    slider = gr.Slider(minimum, maximum, **kwargs)
+    gradio_preprocess = slider.preprocess
+
+    def preprocess(payload):
+        if (isinstance(payload, bool) or not isinstance(payload, (int, float))
+                or isinstance(payload, float) and not math.isfinite(payload)):
+            raise gr.Error(f"{slider.label} must be a number, got {payload!r}", print_exception=False)
+        if not slider.minimum <= payload <= slider.maximum:
+            raise gr.Error(f"{slider.label} must be from {slider.minimum:g} to {slider.maximum:g}, "
+                           f"got {payload!r}", print_exception=False)
+        return gradio_preprocess(payload)
+
+    slider.preprocess = preprocess  # gradio looks preprocess up on the instance for every event
+    return slider
+
+
 def settings_accordion(max_new_tokens: int = 96, limit: int = 512):
     """Returns the four inputs every generating event takes."""
     with gr.Accordion("Generation settings", open=False):
         with gr.Row():
-            max_new = gr.Slider(8, limit, value=max_new_tokens, step=8, label="Max new tokens")
+            max_new = checked_slider(8, limit, value=max_new_tokens, step=8, label="Max new tokens")
             sample = gr.Checkbox(value=False, label="Sample (off = greedy)")
-            temperature = gr.Slider(0.05, 2.0, value=0.7, step=0.05, label="Temperature")
-            top_p = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="Top-p")
+            temperature = checked_slider(0.05, 2.0, value=0.7, step=0.05, label="Temperature")
+            top_p = checked_slider(0.05, 1.0, value=0.9, step=0.05, label="Top-p")
     return [max_new, sample, temperature, top_p]
 
 
@@ -61,7 +83,8 @@ def make_settings(max_new, sample, temperature, top_p, context_length: int) -> G
     """Settings from the raw widget values, validated once here at the edge (API clients can
     send anything: null, NaN, strings)."""
     try:
-        return GenerationSettings(max_new_tokens=as_int(max_new, "max new tokens"), do_sample=bool(sample),
+        return GenerationSettings(max_new_tokens=as_int(max_new, "max new tokens"),
+                                  do_sample=as_bool(sample, "sample"),
                                   temperature=as_float(temperature, "temperature"),
                                   top_p=as_float(top_p, "top-p")).validate(context_length)
     except (TypeError, ValueError) as exc:
@@ -82,6 +105,13 @@ def as_int(value, what: str, low: int | None = None, high: int | None = None) ->
     if (low is not None and number < low) or (high is not None and number > high):
         raise InputError(f"{what} must be from {low} to {high}, got {number}")
     return number
+
+
+def as_bool(value, what: str) -> bool:
+    """A checkbox value: true or false, not a string that bool() would read as true."""
+    if not isinstance(value, bool):
+        raise InputError(f"{what} must be true or false, got {value!r}")
+    return value
 
 
 def as_float(value, what: str) -> float:

@@ -13,7 +13,7 @@ import gradio as gr
 
 from phisum.generation import BASE, GenerationSettings, InputError
 from phisum.tasks import TASKS
-from phisum.ui.common import SAMPLES, as_int, gpu, user_error
+from phisum.ui.common import SAMPLES, as_bool, as_int, checked_slider, gpu, user_error
 from phisum.ui.summarize_tab import default_pair
 
 TASK = TASKS["dialogsum"]
@@ -98,7 +98,7 @@ def run_live_rouge(backend, n, seed, max_new, left, right, semantic, folders: Ru
         notes = [f"Data: {source}."] + ([note] if note else [])
         if len(systems) == 1:
             notes.append(f"Both systems are `{systems[0]}`: scoring it alone.")
-        semantic = bool(semantic) and _semantic_available(notes)
+        semantic = as_bool(semantic, "the meaning-level score") and _semantic_available(notes)
 
         def report_progress(done, total, desc):
             if progress is not None:
@@ -132,9 +132,11 @@ def create_rouge_tab(backend, data_dir: str | None = None, hub: bool = False) ->
                     "score both against the human references: ROUGE, and a meaning-level score (cosine of "
                     "MiniLM sentence embeddings) that credits paraphrase.")
         with gr.Row():
-            n = gr.Slider(1, MAX_N, value=5, step=1, label="N dialogues", elem_id="rouge-n")
-            seed = gr.Number(value=0, precision=0, label="Seed", elem_id="rouge-seed")
-            max_new = gr.Slider(16, 256, value=96, step=8, label="Max new tokens")
+            n = checked_slider(1, MAX_N, value=5, step=1, label="N dialogues", elem_id="rouge-n")
+            # No precision=0: gradio would round 2.5 to 2 unseen and fail on NaN or a string
+            # with a bare error; as_int in sample_items refuses each with a line naming the seed.
+            seed = gr.Number(value=0, label="Seed", elem_id="rouge-seed")
+            max_new = checked_slider(16, 256, value=96, step=8, label="Max new tokens")
         with gr.Row():
             left = gr.Dropdown(backend.systems, value=left_default, label="System A", elem_id="rouge-left")
             right = gr.Dropdown(backend.systems, value=right_default, label="System B", elem_id="rouge-right")
