@@ -13,11 +13,12 @@ backend contract and the real app:
 Variants:
   transformers-serial   today's transformers backend, the app running one event at a time
   transformers          the same backend, events run at once and micro-batched (the default)
-  llamacpp              llama.cpp in process, base requantized to Q8_0, --slots slots, --threads threads
-  llamacpp-q4           the same on the package's original mixed Q4_K_M/Q5_0 GGUF
+  llamacpp              llama.cpp in process, --slots slots, --threads threads
+  llamacpp-passive      the same with OMP_WAIT_POLICY=PASSIVE (threads sleep instead of spinning
+                        between operations: slower on an idle machine, far steadier on a shared one)
 
 Usage:
-  python benchmarks/serving.py                        # all variants, 2 minutes of users each (~15 min)
+  python benchmarks/serving.py --variants transformers-serial,transformers,llamacpp   # ~15 min
   python benchmarks/serving.py --duration 30 --variants transformers,llamacpp
   python benchmarks/serving.py --profile tiny --quick  # seconds: a smoke run (transformers only)
 """
@@ -35,11 +36,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-VARIANTS = {  # name -> (backend, app concurrency or None for the backend's, load options)
-    "transformers-serial": ("transformers", 1, {}),
-    "transformers": ("transformers", None, {}),
-    "llamacpp": ("llamacpp", None, {"quant": "q8_0"}),
-    "llamacpp-q4": ("llamacpp", None, {"quant": "original"}),
+VARIANTS = {  # name -> (backend, app concurrency or None for the backend's, load options, environment)
+    "transformers-serial": ("transformers", 1, {}, {}),
+    "transformers": ("transformers", None, {}, {}),
+    "llamacpp": ("llamacpp", None, {}, {}),
+    "llamacpp-passive": ("llamacpp", None, {}, {"OMP_WAIT_POLICY": "PASSIVE"}),
 }
 
 
@@ -48,7 +49,7 @@ def load(name: str, args):
     from phisum.backends.llamacpp import LlamaCppBackend
     from phisum.profiles import get_profile
 
-    kind, _, options = VARIANTS[name]
+    kind, _, options, _ = VARIANTS[name]
     profile = get_profile(args.profile)
     adapters = {k: v for k, v in profile.adapter_sources().items() if Path(v).exists()} or None
     if adapters is None and args.profile == "tiny":
@@ -202,8 +203,9 @@ def main() -> int:
                    "--slots", str(args.slots)]
     for _ in range(args.iterations):
         for name in names:
+            env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1", **VARIANTS[name][3]}
             proc = subprocess.run([sys.executable, __file__, "--one", name, *passthrough], capture_output=True,
-                                  text=True, cwd=ROOT, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+                                  text=True, cwd=ROOT, env=env)
             line = next((x for x in proc.stdout.splitlines() if x.startswith(RESULT_TAG)), None)
             if line is None:
                 print(f"variant {name} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}", file=sys.stderr)

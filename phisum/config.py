@@ -85,6 +85,8 @@ def add_backend_options(parser, suppress: bool = False) -> None:
                         help="load adapter NAME from a folder or Hub repo id[@revision] (repeatable)")
     parser.add_argument("--bits", type=int, choices=(4, 8), default=default,
                         help="load the base quantized (transformers backend)")
+    parser.add_argument("--gguf", default=default, metavar="FILE",
+                        help="llamacpp backend: a GGUF of the profile's base (default: the one the profile ships)")
     parser.add_argument("--threads", type=positive_int, default=default,
                         help="CPU threads for generation (default: torch's, or 2 for llama.cpp)")
 
@@ -135,7 +137,8 @@ def open_backend(args, adapters: list[str] | None = None, progress: bool = True,
         sources = {name: sources[name] for name in adapters}
     backend = load_backend(profile, settings.backend, sources, base_url=settings.base_url,
                            api_key=settings.api_key, threads=getattr(args, "threads", None),
-                           bits=getattr(args, "bits", None), progress=progress, profile_reason=why, **kwargs)
+                           bits=getattr(args, "bits", None), gguf=getattr(args, "gguf", None), progress=progress,
+                           profile_reason=why, **kwargs)
     print(f"[phisum] {backend.reason}", file=sys.stderr)
     for name, why in backend.missing.items():
         print(f"[phisum] adapter {name!r} not loaded: {why}", file=sys.stderr)

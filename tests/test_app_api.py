@@ -133,3 +133,28 @@ def test_missing_adapter_is_said_plainly(bare_client):
     assert base and "no fine-tuned adapter" in tuned and "not loaded" in note
     assert "not loaded" in bare_client.predict(False, api_name="/chat_model")
     assert bare_client.predict("Hi", False, *SETTINGS, api_name="/chat")  # base answers instead
+
+
+def test_live_rouge_report_folders_stay_bounded_over_100_runs():
+    """A long-running Space must not fill its disk with report folders: only the newest few stay."""
+    from phisum.ui.rouge_tab import KEEP_RUNS, RunFolders
+
+    folders = RunFolders()
+    try:
+        for _ in range(100):
+            (folders.new() / "report.md").write_text("x")
+        assert len(list(folders.root.iterdir())) == KEEP_RUNS
+    finally:
+        folders.close()
+    assert not folders.root.exists()
+
+
+def test_live_rouge_runs_through_the_app_keep_a_bounded_number_of_reports(tiny_backend):
+    from phisum.ui.rouge_tab import KEEP_RUNS
+
+    with serve(tiny_backend) as (url, demo):
+        client = Client(url, verbose=False, download_files=False)
+        for seed in range(KEEP_RUNS + 4):
+            client.predict(1, seed, 16, "base", "dialogsum", False, api_name="/live_rouge")
+        assert len(list(demo.run_folders.root.iterdir())) == KEEP_RUNS
+    assert not demo.run_folders.root.exists()  # removed with the app

@@ -120,12 +120,12 @@ def test_urls_error_texts_and_adapter_names(tmp_path):
     assert lora_adapter_name(str(exported)) == "dialogsum" and lora_adapter_name("/x/my-lora.gguf") == "my-lora"
 
 
-def test_packaged_gguf_is_written_once_atomically_and_rewritten_when_cut(tmp_path, monkeypatch):
+def test_profile_gguf_is_written_once_atomically_and_rewritten_when_cut(tmp_path, monkeypatch):
     import dataclasses
     import sys
     import types
 
-    from phisum.backends.llamacpp import packaged_gguf
+    from phisum.backends.llamacpp import profile_gguf
 
     chunk = tmp_path / "part00"
     chunk.write_bytes(b"GGUF" + b"x" * 60)
@@ -141,14 +141,14 @@ def test_packaged_gguf_is_written_once_atomically_and_rewritten_when_cut(tmp_pat
     monkeypatch.setenv("PHISUM_CACHE_DIR", str(tmp_path / "cache"))
     profile = dataclasses.replace(EMBEDDED, gguf_package="fake_gguf_pkg")
     target = tmp_path / "cache" / "gguf" / "model.gguf"
-    assert packaged_gguf(profile, progress=False) == target and target.read_bytes() == chunk.read_bytes()
+    assert profile_gguf(profile, progress=False) == target and target.read_bytes() == chunk.read_bytes()
     assert writes[0].parent == target.parent and writes[0] != target  # written beside it, then renamed
-    assert packaged_gguf(profile, progress=False) == target and len(writes) == 1
+    assert profile_gguf(profile, progress=False) == target and len(writes) == 1
     target.write_bytes(b"GGUF")  # a copy cut short is written again
-    assert packaged_gguf(profile, progress=False) == target and len(writes) == 2
+    assert profile_gguf(profile, progress=False) == target and len(writes) == 2
     assert sorted(p.name for p in target.parent.iterdir()) == ["model.gguf"]
     with pytest.raises(BackendError, match="ships no GGUF model; pass --gguf FILE"):
-        packaged_gguf(dataclasses.replace(EMBEDDED, gguf_package=None))
+        profile_gguf(dataclasses.replace(EMBEDDED, gguf_package=None))
 
 
 def test_a_closed_port_is_one_line_without_a_traceback():
@@ -275,7 +275,7 @@ def test_missing_adapter_and_describe(llama):
         llama.generate(["x"], "absent")
     info = llama.describe()
     assert (info["backend"], info["style"], info["gguf"], info["n_parallel"], info["slots"]) == \
-        ("llamacpp", "llamacpp", "gemma-3-270m-q4_k_m-q8_0.gguf", 2, 2)
+        ("llamacpp", "llamacpp", "gemma-3-270m-q4_k_m.gguf", 2, 2)
     assert info["adapters"] == {"dialogsum": "assets/adapters/embedded/dialogsum"}
     dumped = json.dumps(info)
     assert llama._secret not in dumped and str(Path.home()) not in dumped and "/tmp" not in dumped
@@ -310,7 +310,7 @@ def test_an_adapter_llama_cpp_refuses_is_missing_and_close_stops_the_server(tmp_
     monkeypatch.setattr(llamacpp, "export_adapter", lambda profile, name, spec, token=None:
                         (broken, "broken", tmp_path) if name == "broken" else real(profile, name, spec, token))
     backend = llamacpp.LlamaCppBackend.load(EMBEDDED, {"broken": "x", "dialogsum": str(ADAPTER)}, threads=1,
-                                            n_parallel=1, progress=False, quant="original")
+                                            n_parallel=1, progress=False)
     url = backend.url
     try:
         assert backend.systems == [BASE, "dialogsum"]
@@ -322,43 +322,3 @@ def test_an_adapter_llama_cpp_refuses_is_missing_and_close_stops_the_server(tmp_
     with pytest.raises(BackendError, match=r"^llama.cpp could not start on broken.gguf: .+") as err:
         llamacpp.LlamaCppBackend.load(EMBEDDED, None, gguf=str(broken), threads=1, progress=False)
     assert "\n" not in str(err.value)
-
-
-def test_requantizing_a_gguf_keeps_keys_float_tensors_and_values(tmp_path):
-    """The llamacpp backend's Q8_0 copy: same metadata, norms untouched, weights within Q8_0 rounding."""
-    import gguf
-    import numpy as np
-    from gguf import GGMLQuantizationType as Q
-    from gguf.quants import dequantize, quantize
-
-    from phisum.gguf_model import requantize
-
-    rng = np.random.default_rng(0)
-    weight, norm = rng.standard_normal((64, 256)).astype(np.float32), rng.standard_normal(256).astype(np.float32)
-    src = tmp_path / "src.gguf"
-    writer = gguf.GGUFWriter(src, "gemma3")
-    writer.add_string("general.name", "toy")
-    writer.add_uint32("gemma3.block_count", 1)
-    writer.add_array("tokenizer.ggml.tokens", ["<pad>", "<eos>", "héllo"])
-    q5 = quantize(weight, Q.Q5_0)
-    writer.add_tensor("blk.0.attn_q.weight", q5, raw_shape=q5.shape, raw_dtype=Q.Q5_0)
-    writer.add_tensor("blk.0.attn_norm.weight", norm)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-
-    out = requantize(src, tmp_path / "q8.gguf", "q8_0", progress=False)
-    reader = gguf.GGUFReader(out)
-    fields = reader.fields
-    assert bytes(fields["general.name"].parts[-1]).decode() == "toy"
-    assert [bytes(fields["tokenizer.ggml.tokens"].parts[i]).decode() for i in fields["tokenizer.ggml.tokens"].data] \
-        == ["<pad>", "<eos>", "héllo"]
-    tensors = {t.name: t for t in reader.tensors}
-    assert tensors["blk.0.attn_q.weight"].tensor_type == Q.Q8_0
-    assert tensors["blk.0.attn_norm.weight"].tensor_type == Q.F32
-    assert np.array_equal(np.asarray(tensors["blk.0.attn_norm.weight"].data), norm)
-    before = dequantize(q5, Q.Q5_0).reshape(weight.shape)
-    after = dequantize(tensors["blk.0.attn_q.weight"].data, Q.Q8_0).reshape(weight.shape)
-    assert np.abs(after - before).max() <= np.abs(before).max() / 127 + 1e-6  # within Q8_0's own rounding
-    assert {p.name for p in tmp_path.iterdir()} == {"src.gguf", "q8.gguf"}  # no temporary file left

@@ -1,4 +1,4 @@
-"""Soak: 20 concurrent clients for 60 s against `python app.py --profile tiny` on loopback.
+"""Soak: 30 concurrent clients for 60 s against `python app.py --profile tiny` on loopback.
 
 Every request is answered or refused with gradio's clear queue-full message; the server log has
 no errors; its memory levels off. PHISUM_SOAK_SECONDS shortens or lengthens the run.
@@ -21,7 +21,7 @@ from tests.app_server import free_port
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
-CLIENTS = 20
+CLIENTS = 30
 SECONDS = float(os.environ.get("PHISUM_SOAK_SECONDS", 60))
 DIALOGUE = "#Person1#: Did you feed the cat?\n#Person2#: Yes, twice. She is still hungry."
 
@@ -38,7 +38,7 @@ def wait_ready(client_url, proc, timeout=120):
     raise TimeoutError("server did not start")
 
 
-def test_twenty_clients_for_a_minute(tiny_adapters, tmp_path):
+def test_thirty_clients_for_a_minute(tiny_adapters, tmp_path):
     port = free_port()
     log_path = tmp_path / "server.log"
     env = {**os.environ, "PHISUM_ADAPTER_DIALOGSUM": str(tiny_adapters["dialogsum"]),

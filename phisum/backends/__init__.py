@@ -44,7 +44,7 @@ def load_backend(profile: str | Profile | None = "auto", backend: str | None = "
                  adapters: dict[str, str] | None = None, base_url: str | None = None, api_key: str | None = None,
                  threads: int | None = None, batch_size: int = 8, dtype=None, bits: int | None = None,
                  n_parallel: int = 4, progress: bool = True, token: str | None = None,
-                 profile_reason: str | None = None) -> Backend:
+                 profile_reason: str | None = None, gguf: str | None = None) -> Backend:
     """Load the base once with `adapters` (name -> folder or Hub id; default: the profile's).
     `profile_reason` says why `profile` was chosen, when the caller resolved it."""
     if isinstance(profile, Profile) and profile_reason:
@@ -70,7 +70,7 @@ def load_backend(profile: str | Profile | None = "auto", backend: str | None = "
         from phisum.backends.llamacpp import LlamaCppBackend
 
         return LlamaCppBackend.load(profile, sources, reason, threads=threads or 2, n_parallel=n_parallel,
-                                    progress=progress, token=token)
+                                    progress=progress, token=token, gguf=gguf)
     if not base_url:
         raise ValueError("the openai backend needs --base-url (or PHISUM_BASE_URL), e.g. http://127.0.0.1:8000")
     from phisum.backends.openai_compat import OpenAIBackend

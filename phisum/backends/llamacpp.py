@@ -66,17 +66,16 @@ class LlamaCppBackend(OpenAIBackend):
     @classmethod
     def load(cls, profile: Profile, adapters: Mapping[str, str] | None = None, reason: str = "", threads: int = 2,
              n_parallel: int = 4, gguf: str | None = None, progress: bool = True,
-             token: str | None = None, quant: str = "q8_0") -> "LlamaCppBackend":
-        """Start the server on `gguf` (default: the profile's packaged GGUF, requantized to `quant`
-        once, see phisum.gguf_model) with every adapter in `adapters` (name -> folder or Hub id).
-        An adapter that cannot be found, checked, exported or loaded goes to `missing` with the
-        reason; the backend starts without it."""
+             token: str | None = None) -> "LlamaCppBackend":
+        """Start the server on `gguf` (default: the profile's packaged GGUF) with every adapter in
+        `adapters` (name -> folder or Hub id). An adapter that cannot be found, checked, exported or
+        loaded goes to `missing` with the reason; the backend starts without it."""
         try:
             import xllamacpp  # noqa: F401
         except ImportError:
             raise BackendError("the llamacpp backend needs the xllamacpp package (pip install xllamacpp); "
                                "or use the transformers backend") from None
-        model = Path(gguf).expanduser() if gguf else profile_gguf(profile, progress, quant)
+        model = Path(gguf).expanduser() if gguf else profile_gguf(profile, progress)
         if not model.is_file():
             raise BackendError(f"GGUF model file {adapter_display(str(model))} not found")
         files, sources, missing, folders = {}, {}, {}, {}
@@ -114,35 +113,7 @@ class LlamaCppBackend(OpenAIBackend):
 
 # ---------------------------------------------------------------- files
 
-def profile_gguf(profile: Profile, progress: bool = True, quant: str = "q8_0") -> Path:
-    """The profile's packaged GGUF, written once to <cache>/gguf/<MODEL_NAME> and reused after;
-    with quant "q8_0", its requantized copy beside it (made once, see phisum.gguf_model)."""
-    original = packaged_gguf(profile, progress)
-    if quant == "original":
-        return original
-    from phisum.gguf_model import TARGETS, requantize
-
-    if quant not in TARGETS:
-        raise BackendError(f"unknown GGUF quantization {quant!r}; choose one of {', '.join(TARGETS)}")
-    target = original.with_name(f"{original.stem}-{quant}.gguf")
-    stamp = target.with_suffix(".source")  # the source file's size and time: a new package means a new copy
-    source = f"{original.stat().st_size} {original.stat().st_mtime_ns}"
-    if target.is_file() and stamp.is_file() and stamp.read_text() == source:
-        return target
-    message = f"requantizing {original.name} to {quant} for llama.cpp (once)"
-    if progress:
-        print(f"phisum: {message}", file=sys.stderr)
-    else:
-        log.info("%s", message)
-    try:
-        requantize(original, target, quant, progress=progress)
-        stamp.write_text(source)
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise BackendError(f"cannot write {target.name}: {one_line(str(exc))}") from None
-    return target
-
-
-def packaged_gguf(profile: Profile, progress: bool = True) -> Path:
+def profile_gguf(profile: Profile, progress: bool = True) -> Path:
     """The profile's packaged GGUF, written once to <cache>/gguf/<MODEL_NAME> and reused after."""
     if not profile.gguf_package:
         raise BackendError(f"the {profile.name} profile ships no GGUF model; pass --gguf FILE (a GGUF of "

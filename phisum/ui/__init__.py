@@ -16,7 +16,7 @@ QUEUE_PER_SLOT = 4  # waiting events per event the backend runs at once; past th
 THEME = gr.themes.Soft()
 CSS = "#base-summary textarea, #tuned-summary textarea {font-size: 1rem}"
 MAX_FILE_SIZE = "1mb"  # the app takes no uploads; this caps Gradio's upload route
-CACHE_CLEANUP = (600, 3600)  # Gradio's own file cache: every 10 min, drop files older than an hour
+CACHE_CLEANUP = (300, 900)  # Gradio's own file cache: every 5 min, drop files older than 15 min
 
 
 def launch_options() -> dict:

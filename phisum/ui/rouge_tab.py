@@ -6,6 +6,7 @@ import random
 import shutil
 import tempfile
 import threading
+import weakref
 from functools import lru_cache
 from pathlib import Path
 
@@ -62,6 +63,8 @@ class RunFolders:
     def __init__(self, keep: int = KEEP_RUNS):
         self.root = Path(tempfile.mkdtemp(prefix="phisum-live-rouge-"))
         self.keep, self.lock, self.runs = keep, threading.Lock(), []
+        # also at interpreter exit, when the app is stopped without demo.close()
+        self._finalizer = weakref.finalize(self, shutil.rmtree, str(self.root), True)
 
     def new(self) -> Path:
         with self.lock:
@@ -72,7 +75,7 @@ class RunFolders:
             return path
 
     def close(self) -> None:
-        shutil.rmtree(self.root, ignore_errors=True)
+        self._finalizer()
 
 
 def aggregate_markdown(report) -> str:
