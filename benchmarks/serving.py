@@ -104,33 +104,11 @@ def run_variant(name: str, args) -> dict:
         clicks.append(time.perf_counter() - t)
     result["click_seconds"] = clicks
     result["click_p50"] = statistics.median(clicks)
-    concurrency = VARIANTS[name][1]
-    with serve(backend) if concurrency is None else _serve(backend, concurrency) as (url, _):
+    with serve(backend, concurrency=VARIANTS[name][1]) as (url, _):
         result.update(drive_users(url, dialogues, args, Client))
     result["rss_mb"] = rss_mb()
     backend.close()
     return result
-
-
-def _serve(backend, concurrency):
-    """tests.app_server.serve with the app's event concurrency set (1: one event at a time)."""
-    import contextlib
-
-    from phisum.ui import build_demo, launch_options
-    from tests.app_server import free_port
-
-    @contextlib.contextmanager
-    def serving():
-        demo = build_demo(backend, concurrency=concurrency)
-        port = free_port()
-        demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-                    **launch_options())
-        try:
-            yield f"http://127.0.0.1:{port}/", demo
-        finally:
-            demo.close()
-            demo.run_folders.close()
-    return serving()
 
 
 def drive_users(url: str, dialogues: list[str], args, client_class) -> dict:

@@ -12,10 +12,10 @@ Variants:
   one-backward  the trainer before this change: one backward per batch (all length groups'
                 graphs alive at once), eager attention, glibc keeping freed memory (1 GB)
   phisum        the default: one forward+backward per length group (at most max_group_tokens
-                padded tokens), eager attention, glibc at its defaults
+                padded tokens), eager attention, freed memory returned after every step
   phisum-sdpa   the same with torch's scaled_dot_product_attention (no score matrices kept)
-  phisum-keep   the same as phisum with glibc keeping freed memory (1 GB), as one-backward does
-  phisum-mmap64 the same as phisum with glibc keeping freed blocks up to 64 MB
+  phisum-notrim the same as phisum without returning freed memory after each step
+  phisum-keep   the same as phisum-notrim with glibc keeping freed memory (1 GB), as one-backward does
 
 Usage:
   python benchmarks/train_throughput.py --rows recipe --data ../shared/data/dialogsum-full --steps 16 \
@@ -61,11 +61,12 @@ def keep_freed_memory(limit: int = 1 << 30) -> bool:
 
 VARIANTS = {  # name -> (label, fast trainer, trainer kwargs, attention, keep_freed_memory limit or None)
     "trl": ("trl SFTTrainer defaults", False, {}, None, None),
-    "one-backward": ("one backward per batch (the old trainer)", True, {"max_group_tokens": None}, "eager", 1 << 30),
+    "one-backward": ("one backward per batch (the old trainer)", True,
+                     {"max_group_tokens": None, "release_memory": False}, "eager", 1 << 30),
     "phisum": ("phisum fast CPU path", True, {}, "eager", None),
     "phisum-sdpa": ("phisum, sdpa attention", True, {}, "sdpa", None),
-    "phisum-keep": ("phisum, freed memory kept (1 GB)", True, {}, "eager", 1 << 30),
-    "phisum-mmap64": ("phisum, freed blocks kept up to 64 MB", True, {}, "eager", 64 << 20),
+    "phisum-notrim": ("phisum, no malloc_trim after steps", True, {"release_memory": False}, "eager", None),
+    "phisum-keep": ("phisum, freed memory kept (1 GB)", True, {"release_memory": False}, "eager", 1 << 30),
 }
 
 

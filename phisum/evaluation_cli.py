@@ -85,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     from phisum.config import open_backend
     from phisum.data import DataError
     from phisum.generation import BASE, GenerationSettings, InputError
-    from phisum.reporting import check_output_dir, save_report, score_table
+    from phisum.files import check_output_dir
+    from phisum.reporting import save_report, score_table
     from phisum.tasks import get_task
 
     try:

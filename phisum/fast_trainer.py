@@ -17,6 +17,7 @@ halves their memory. Trainable (LoRA) weights stay fp32.
 
 from __future__ import annotations
 
+import functools
 import time
 from contextlib import nullcontext
 
@@ -24,6 +25,31 @@ import torch
 import torch.nn.functional as F
 from transformers import TrainerCallback
 from trl import SFTTrainer
+
+
+@functools.cache
+def _malloc_trim():
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # musl and others
+        return None
+
+
+def release_freed_memory() -> bool:
+    """Give memory freed during a step back to the kernel (glibc's malloc_trim).
+
+    Each step's groups have different shapes; glibc reuses freed blocks where they fit and
+    otherwise grows its heap, and it only returns memory at the heap's top by itself. Over a
+    long run the holes add up, and RSS climbed by gigabytes with the step count. Trimming
+    after every step keeps RSS at one step's working set; the cost is re-faulting those pages
+    in the next step (benchmarks/train_throughput.py, variant phisum-notrim)."""
+    trim = _malloc_trim()
+    return bool(trim and trim(0))
 
 
 def output_head(model):
@@ -53,8 +79,9 @@ class CompletionOnlySFTTrainer(SFTTrainer):
     """SFTTrainer whose loss computes the LM head only where labels != -100."""
 
     def __init__(self, *args, autocast_bf16: bool = True, unpad_overhead_tokens: int | None = 64,
-                 max_group_tokens: int | None = 768, **kwargs):
+                 max_group_tokens: int | None = 768, release_memory: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
+        self.release_memory = release_memory and self.args.device.type == "cpu"
         self.autocast_bf16 = autocast_bf16
         self.unpad_overhead_tokens = unpad_overhead_tokens  # None: one forward over the padded batch
         self.max_group_tokens = max_group_tokens  # None: one backward per batch (all groups' graphs alive)
@@ -97,6 +124,8 @@ class CompletionOnlySFTTrainer(SFTTrainer):
             self.accelerator.backward(loss)
             total += loss.detach()
         self._count_trained_tokens(inputs)
+        if self.release_memory:
+            release_freed_memory()
         return total
 
     def _loss_denominator(self, labels, num_items_in_batch):

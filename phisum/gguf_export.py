@@ -23,6 +23,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from phisum.data import file_sha256
+
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
 # llama.cpp's converter writes the linear weights of these archs unchanged, so peft's A and B
@@ -62,14 +64,6 @@ class ExportResult:
     def summary(self) -> str:
         return (f"{self.arch} LoRA, {self.tensors} tensors, rank {self.rank}, alpha {self.alpha:g} "
                 f"(scale {self.alpha / self.rank:g}), from adapter_model.safetensors sha256 {self.sha256[:16]}")
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def arch_for_base(base_id: str | None) -> str | None:
@@ -207,7 +201,7 @@ def export_lora_to_gguf(adapter_dir, out_file, arch: str | None = None, overwrit
             raise GGUFExportError(f"cannot export {module}: LoRA on embeddings or the LM head is not supported")
         tensors += [(target + ".lora_a", a), (target + ".lora_b", b)]
 
-    sha = sha256_file(weights)
+    sha = file_sha256(weights)
     out_file.parent.mkdir(parents=True, exist_ok=True)
     # Not mkstemp: its 0600 mode would stick to the published file.
     tmp = out_file.with_name(f".{out_file.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
@@ -258,7 +252,7 @@ def cached_gguf_lora(adapter_dir, arch: str | None = None, cache_root: Path | No
     arch = arch or arch_for_base(config.get("base_model_name_or_path"))
     key = hashlib.sha256(json.dumps([config, arch, FORMAT_VERSION], sort_keys=True).encode()).hexdigest()
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", adapter_dir.resolve().name) or "adapter"
-    path = Path(cache_root) / "gguf-lora" / f"{sha256_file(weights)[:16]}-{key[:8]}-{name}.gguf"
+    path = Path(cache_root) / "gguf-lora" / f"{file_sha256(weights)[:16]}-{key[:8]}-{name}.gguf"
     if not path.exists():
         # Concurrent exports write the same bytes and rename atomically: the last one wins harmlessly.
         export_lora_to_gguf(adapter_dir, path, arch=arch, overwrite=True)

@@ -6,24 +6,19 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from phisum.evaluation import METRIC_LABELS, Report
+from phisum.files import check_output_dir, replace_folder
 
 EXAMPLES_SHOWN = 3
 
 
 def save_report(report: Report, out_dir: Path, example_text: bool = True, overwrite: bool = False) -> Path:
-    """Write the report folder atomically: into a temporary folder beside it, then renamed into
-    place. An existing folder is replaced only with `overwrite`."""
+    """Write the report folder atomically; an existing folder is replaced only with `overwrite`."""
     out_dir = Path(out_dir)
     check_output_dir(out_dir, overwrite)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with replace_folder(out_dir) as tmp:
         with open(tmp / "predictions.jsonl", "w", encoding="utf-8") as handle:
             for row in report.rows:
                 handle.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -31,25 +26,7 @@ def save_report(report: Report, out_dir: Path, example_text: bool = True, overwr
                                           encoding="utf-8")
         plot_report(report, tmp / "rouge.png")
         (tmp / "report.md").write_text(render_markdown(report, example_text), encoding="utf-8")
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
-
-
-def check_output_dir(out_dir: Path, overwrite: bool) -> None:
-    """Refuse, before any work is done, an output that is a file or an existing folder (without overwrite)."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"--out {out_dir} is a file; give a folder for the report")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise ValueError(f"--out {out_dir} already holds files; choose a new folder or pass --overwrite")
 
 
 def plot_report(report: Report, path: Path) -> Path:

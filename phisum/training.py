@@ -112,35 +112,20 @@ def check_run(pargs, training_args) -> Path:
                          "or max_steps -1 to train num_train_epochs")
     if not 0 <= int(training_args.seed) < 2**32:
         raise ValueError(f"seed must be from 0 to 2**32 - 1, got {training_args.seed}")
+    from phisum.files import check_output_dir
+
     adapter_dir = Path(pargs.adapter_dir or Path(training_args.output_dir) / "adapter")
-    if adapter_dir.exists() and not adapter_dir.is_dir():
-        raise ValueError(f"adapter_dir {adapter_dir} is a file; give a folder")
-    if adapter_dir.is_dir() and any(adapter_dir.iterdir()) and not pargs.overwrite:
-        raise ValueError(f"adapter_dir {adapter_dir} already holds an adapter; choose another --adapter_dir, "
-                         "or pass --overwrite true to replace it")
+    check_output_dir(adapter_dir, pargs.overwrite, flag="adapter_dir", overwrite_flag="--overwrite true")
     return adapter_dir
 
 
 def save_adapter(trainer, adapter_dir: Path):
-    """Write the adapter into a temporary folder beside adapter_dir, then rename it into place:
-    a killed save never leaves a half-written adapter where the app looks for one."""
-    import os
-    import shutil
-    import tempfile
+    """The final adapter, written beside adapter_dir and renamed into place: a killed save never
+    leaves a half-written adapter where the app looks for one."""
+    from phisum.files import replace_folder
 
-    adapter_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{adapter_dir.name}.tmp-", dir=adapter_dir.parent))
-    try:
+    with replace_folder(adapter_dir) as tmp:
         trainer.accelerator.unwrap_model(trainer.model).save_pretrained(tmp)
-        if adapter_dir.exists():
-            old = adapter_dir.with_name(f".{adapter_dir.name}.old-{os.getpid()}")
-            os.replace(adapter_dir, old)
-            os.replace(tmp, adapter_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, adapter_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def add_lora(model, model_args, base_id: str, activation_checkpointing: bool):

@@ -20,10 +20,10 @@ def dialogsum_dir() -> str | None:
 
 
 @contextlib.contextmanager
-def serve(backend, data_dir: str | None = None):
+def serve(backend, data_dir: str | None = None, concurrency: int | None = None):
     from phisum.ui import build_demo, launch_options
 
-    demo = build_demo(backend, data_dir)
+    demo = build_demo(backend, data_dir, concurrency=concurrency)
     port = free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
                 **launch_options())

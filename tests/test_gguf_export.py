@@ -184,11 +184,11 @@ def test_an_existing_file_is_only_replaced_with_overwrite(tiny, tmp_path, monkey
 
 def test_cache_exports_once_per_adapter_content(tiny, tmp_path, monkeypatch):
     from phisum import gguf_export
-    from phisum.gguf_export import sha256_file
+    from phisum.data import file_sha256
 
     path = cached_gguf_lora(tiny, cache_root=tmp_path)
     assert path.parent == tmp_path / "gguf-lora" and path.name.endswith("-dialogsum.gguf")
-    assert path.name.startswith(sha256_file(tiny / "adapter_model.safetensors")[:16] + "-")
+    assert path.name.startswith(file_sha256(tiny / "adapter_model.safetensors")[:16] + "-")
     monkeypatch.setattr(gguf_export, "export_lora_to_gguf", lambda *a, **k: pytest.fail("exported again"))
     assert cached_gguf_lora(tiny, cache_root=tmp_path) == path
     monkeypatch.undo()

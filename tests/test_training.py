@@ -56,6 +56,19 @@ def train_in_process(recipe: Path):
     return trainer, model, before
 
 
+def lora_with_random_b(tmp_path, data_dir, **overrides):
+    """A fp32 tiny LoRA model whose B is random (B = 0 would make the adapter a no-op), and its rows."""
+    pargs, sft, margs = parse_recipe(["--config", str(write_recipe(tmp_path, data_dir, bf16=False, **overrides))])
+    model, tokenizer, base_id = training.load_model(pargs, margs, True)
+    rows, _, _ = training.load_examples(pargs, tokenizer.eos_token)
+    model = training.add_lora(model, margs, base_id, False)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    return pargs, sft, margs, model, tokenizer, rows
+
+
 def assert_adapter_changed_base_not(model, before):
     changed = unchanged_base = 0
     for name, param in model.named_parameters():
@@ -127,14 +140,7 @@ def test_fast_loss_equals_trl_loss(tmp_path, data_dir):
 
     from phisum.fast_trainer import CompletionOnlySFTTrainer
 
-    pargs, sft, margs = parse_recipe(["--config", str(write_recipe(tmp_path, data_dir, bf16=False, per_device_train_batch_size=4))])
-    model, tokenizer, base_id = training.load_model(pargs, margs, True)
-    rows, _, _ = training.load_examples(pargs, tokenizer.eos_token)
-    model = training.add_lora(model, margs, base_id, False)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.3)  # B = 0 would make the adapter a no-op
+    pargs, sft, margs, model, tokenizer, rows = lora_with_random_b(tmp_path, data_dir, per_device_train_batch_size=4)
     losses = []
     # None: one forward over the padded batch; 0: one forward per row (every row trimmed of padding)
     for cls, unpad in ((SFTTrainer, None), (CompletionOnlySFTTrainer, None), (CompletionOnlySFTTrainer, 0)):
@@ -312,16 +318,9 @@ def test_per_group_backward_gives_the_one_backward_gradients(tmp_path, data_dir)
 
     from phisum.fast_trainer import CompletionOnlySFTTrainer
 
-    pargs, sft, margs = parse_recipe(["--config", str(write_recipe(tmp_path, data_dir, bf16=False, lora_dropout=0.0,
-                                                                   per_device_train_batch_size=8))])
+    pargs, sft, margs, model, tokenizer, rows = lora_with_random_b(tmp_path, data_dir, lora_dropout=0.0,
+                                                                     per_device_train_batch_size=8)
     training.choose_fast_path(pargs, sft, margs)
-    model, tokenizer, base_id = training.load_model(pargs, margs, True)
-    rows, _, _ = training.load_examples(pargs, tokenizer.eos_token)
-    model = training.add_lora(model, margs, base_id, False)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.3)
     grads = []
     for max_group_tokens in (None, 64):  # one backward per batch; one per group of at most 64 tokens
         model.zero_grad()
