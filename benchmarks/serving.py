@@ -172,6 +172,7 @@ def main() -> int:
     if args.one:
         print(RESULT_TAG + json.dumps(run_variant(args.one, args), default=str))
         return 0
+    import os
     import subprocess
 
     print(f"{args.profile}: {', '.join(names)}; {args.users} users x {args.duration:.0f} s; {load_line()}", flush=True)
@@ -181,7 +182,7 @@ def main() -> int:
                    "--slots", str(args.slots)]
     for _ in range(args.iterations):
         for name in names:
-            env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1", **VARIANTS[name][3]}
+            env = {**os.environ, "HF_HUB_OFFLINE": "1", **VARIANTS[name][3]}
             proc = subprocess.run([sys.executable, __file__, "--one", name, *passthrough], capture_output=True,
                                   text=True, cwd=ROOT, env=env)
             line = next((x for x in proc.stdout.splitlines() if x.startswith(RESULT_TAG)), None)

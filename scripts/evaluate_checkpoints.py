@@ -2,14 +2,15 @@
 
 What more data buys: each checkpoint of one run (e.g. the full-data DialogSum recipe, saved
 every 75 steps) is loaded as an adapter on one base and scored on the same validation items
-(adapter only, greedy, ROUGE and the MiniLM cosine); the x axis is examples seen
-(global_step x batch size x accumulation). `--extra NAME=PATH@EXAMPLES` adds another adapter
-as a point of its own (the quick 601-dialogue adapter, which saw 1202 examples in 2 epochs).
+(adapter only, greedy, ROUGE and the MiniLM cosine); the x axis is training dialogues seen
+(global_step x batch size x accumulation: in a one-epoch run each is seen once).
+`--extra NAME=PATH@DIALOGUES` adds another adapter as a point of its own (the quick adapter:
+601 dialogues, seen twice in its 2 epochs).
 
 Usage:
   python scripts/evaluate_checkpoints.py --run outputs/embedded-dialogsum-full \\
       --steps 75,375,750,1125,1554 --data ../shared/data/dialogsum --n 200 \\
-      --extra quick=assets/adapters/embedded/dialogsum-quick@1202 \\
+      --extra quick=assets/adapters/embedded/dialogsum-quick@601 \\
       --out assets/adapters/embedded/dialogsum/data_scaling
 Writes OUT.json and OUT.png. Checkpoints that are incomplete are skipped with a note.
 """
@@ -60,7 +61,7 @@ def plot(points: list[dict], path: Path, title: str) -> None:
         ax.annotate(extra["name"], (extra["examples"], extra["scores"]["rouge1"]), textcoords="offset points",
                     xytext=(6, 6), fontsize=8)
     ax.set_xscale("log")
-    ax.set_xlabel("training examples seen (log scale)")
+    ax.set_xlabel("training dialogues seen (log scale)")
     ax.set_ylabel("validation score (max over references)")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
@@ -79,7 +80,8 @@ def main(argv=None) -> int:
     parser.add_argument("--split", default="validation")
     parser.add_argument("--n", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--extra", action="append", default=[], metavar="NAME=PATH@EXAMPLES")
+    parser.add_argument("--extra", action="append", default=[], metavar="NAME=PATH@DIALOGUES")
+    parser.add_argument("--no-semantic", action="store_true", help="ROUGE only (skip the MiniLM cosine)")
     parser.add_argument("--out", required=True, help="path without suffix: OUT.json and OUT.png are written")
     args = parser.parse_args(argv)
 
@@ -97,6 +99,8 @@ def main(argv=None) -> int:
     for spec in args.extra:
         name, _, rest = spec.partition("=")
         path, _, seen = rest.rpartition("@")
+        if not (name and path and seen.isdigit()):
+            parser.error(f"--extra expects NAME=PATH@DIALOGUES, got {spec!r}")
         adapters[name] = (Path(path), int(seen))
     if not adapters:
         print(f"error: no complete checkpoint in {args.run}", file=sys.stderr)
@@ -112,18 +116,18 @@ def main(argv=None) -> int:
     points = []
     for name, (folder, seen) in tqdm(adapters.items(), desc="adapters"):
         result = evaluate(backend, items, systems=[name], task=task, settings=GenerationSettings(max_new_tokens=128),
-                          batch_size=args.batch_size, semantic=available())
+                          batch_size=args.batch_size, semantic=available() and not args.no_semantic)
         points.append({"name": name, "kind": "checkpoint" if name.startswith("step-") else "extra",
                        "examples": seen, "scores": result.aggregate[name],
                        "ci95": result.intervals[name], "failures": result.failures[name]})
-        print(f"{name:<14} {seen:>6} examples  " + "  ".join(f"{m} {v:.4f}" for m, v in points[-1]["scores"].items()),
+        print(f"{name:<14} {seen:>6} dialogues  " + "  ".join(f"{m} {v:.4f}" for m, v in points[-1]["scores"].items()),
               file=sys.stderr)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"run": args.run, "data": report.summary(), "items": len(items),
                                                     "split": args.split, "points": points}, indent=2) + "\n")
     plot(points, out.with_suffix(".png"), f"DialogSum {args.split}, first {len(items)} items: "
-                                          "score against training examples seen")
+                                          "score against training dialogues seen")
     print(out.with_suffix(".png"))
     return 0
 

@@ -19,10 +19,10 @@ def require_data(sub: str) -> Path:
     return path
 
 
-def make_tiny_adapter(path: Path, trained: bool, seed: int = 1) -> Path:
-    """A real peft LoRA adapter on the tiny base. `trained=False` is peft's default
-    init (B = 0: output identical to the base); `trained=True` has random B, so it
-    changes the output like a trained adapter does."""
+def tiny_peft_model(trained: bool, seed: int = 1, **lora):
+    """A real peft LoRA model on the tiny base. `trained=False` is peft's default init
+    (B = 0: output identical to the base); `trained=True` has random B, so it changes
+    the output like a trained adapter does. `lora` overrides LoraConfig fields."""
     import torch
     from peft import LoraConfig, get_peft_model
 
@@ -30,15 +30,20 @@ def make_tiny_adapter(path: Path, trained: bool, seed: int = 1) -> Path:
     from phisum.profiles import PROFILES
 
     torch.manual_seed(seed)
-    config = LoraConfig(r=8, lora_alpha=16, target_modules=list(PROFILES["tiny"].lora_target_modules),
-                        init_lora_weights=not trained, task_type="CAUSAL_LM")
+    config = LoraConfig(**{"r": 8, "lora_alpha": 16, "target_modules": list(PROFILES["tiny"].lora_target_modules),
+                           "init_lora_weights": not trained, "task_type": "CAUSAL_LM", **lora})
     model = get_peft_model(build_tiny_model(), config)
     if trained:
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if "lora_B" in name:
                     p.normal_(0, 0.5)
-    model.save_pretrained(path)
+    return model
+
+
+def make_tiny_adapter(path: Path, trained: bool, seed: int = 1) -> Path:
+    """tiny_peft_model saved to `path`."""
+    tiny_peft_model(trained, seed).save_pretrained(path)
     return path
 
 

@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 import time
@@ -10,7 +11,7 @@ DIALOGUE = "#Person1#: Can I borrow your bike?\n#Person2#: Sure, bring it back b
 
 def run(*args, stdin=None, timeout=180):
     return subprocess.run([sys.executable, "-m", "phisum", *args], input=stdin, capture_output=True, text=True,
-                          cwd=ROOT, timeout=timeout, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+                          cwd=ROOT, timeout=timeout, env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
 
 def test_help_is_instant():
@@ -82,13 +83,13 @@ def test_unbounded_and_invalid_input_is_refused_in_one_line(tmp_path):
 
     zero = subprocess.run([sys.executable, "-m", "phisum", "--profile", "tiny", "summarize", "/dev/zero"],
                           capture_output=True, text=True, cwd=ROOT, timeout=180, preexec_fn=cap,
-                          env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert zero.returncode == 2 and zero.stderr.strip().count("\n") == 0 and "over 4 MB" in zero.stderr
     bad = run("--profile", "tiny", "summarize", "-", "--adapter", "base", stdin=None)
     assert bad.returncode == 2
     invalid = subprocess.run([sys.executable, "-m", "phisum", "--profile", "tiny", "summarize", "-"],
                              input=b"#Person1#: caf\xe9\n", capture_output=True, cwd=ROOT, timeout=180,
-                             env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert invalid.returncode == 2 and b"not UTF-8" in invalid.stderr and b"Traceback" not in invalid.stderr
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from phisum.gguf_export import GGUFExportError, cached_gguf_lora, export_lora_to_gguf
-from tests.conftest import ROOT, make_tiny_adapter
+from tests.conftest import ROOT, make_tiny_adapter, tiny_peft_model
 
 EMBEDDED_ADAPTER = ROOT / "assets" / "adapters" / "embedded" / "dialogsum"
 # The tiny base is a Phi: what llama.cpp's phi2 loader calls each peft target.
@@ -24,21 +24,8 @@ def read_gguf(path):
 
 
 def peft_adapter(path, seed=0, **lora):
-    """A tiny peft LoRA with random A and B; returns the live model to compare against."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-
-    from phisum.models import build_tiny_model
-    from phisum.profiles import PROFILES
-
-    torch.manual_seed(seed)
-    config = LoraConfig(**{"r": 8, "lora_alpha": 16, "target_modules": list(PROFILES["tiny"].lora_target_modules),
-                           "task_type": "CAUSAL_LM", **lora})
-    model = get_peft_model(build_tiny_model(), config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5)
+    """A tiny peft LoRA with random A and B, saved to `path`; returns the live model to compare against."""
+    model = tiny_peft_model(True, seed, **lora)
     model.save_pretrained(path)
     return model
 

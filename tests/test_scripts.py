@@ -1,0 +1,56 @@
+"""The scripts under scripts/ that are not covered through the CLI, run as a user runs them."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+from tests.conftest import ROOT
+from tests.test_training import DIALOGUES
+
+
+def fake_checkpoint(run, step, adapter, complete=True):
+    """A Trainer checkpoint folder: the adapter's files plus the state files resuming needs."""
+    folder = run / f"checkpoint-{step}"
+    shutil.copytree(adapter, folder)
+    if complete:
+        (folder / "trainer_state.json").write_text(json.dumps({"global_step": step, "train_batch_size": 2}))
+        for name in ("optimizer.pt", "scheduler.pt"):  # present, never read by the script
+            (folder / name).write_bytes(b"")
+    return folder
+
+
+def test_evaluate_checkpoints_scores_each_against_dialogues_seen(tmp_path, tiny_adapters):
+    data = tmp_path / "data"
+    data.mkdir()
+    with open(data / "validation.jsonl", "w") as handle:
+        for i, (dialogue, summary) in enumerate(DIALOGUES):
+            handle.write(json.dumps({"fname": f"v{i}", "dialogue": dialogue, "summary": summary}) + "\n")
+    run = tmp_path / "run"
+    run.mkdir()
+    fake_checkpoint(run, 2, tiny_adapters["zero"])
+    fake_checkpoint(run, 4, tiny_adapters["dialogsum"])
+    fake_checkpoint(run, 6, tiny_adapters["dialogsum"], complete=False)  # killed while saving
+    out = tmp_path / "plots" / "scaling"
+    proc = subprocess.run(
+        [sys.executable, "scripts/evaluate_checkpoints.py", "--run", str(run), "--profile", "tiny",
+         "--data", str(data), "--n", "2", "--batch-size", "2", "--no-semantic",
+         "--extra", f"other={tiny_adapters['oasst']}@3", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "skipping checkpoint-6" in proc.stderr
+    result = json.loads(out.with_suffix(".json").read_text())
+    points = {p["name"]: p for p in result["points"]}
+    assert set(points) == {"step-2", "step-4", "other"}
+    assert (points["step-2"]["examples"], points["step-4"]["examples"], points["other"]["examples"]) == (4, 8, 3)
+    assert points["other"]["kind"] == "extra" and points["step-4"]["kind"] == "checkpoint"
+    assert all(set(p["scores"]) >= {"rouge1", "rouge2", "rougeL"} for p in points.values())
+    assert result["split"] == "validation" and result["items"] == 2
+    assert out.with_suffix(".png").stat().st_size > 10_000
+
+
+def test_evaluate_checkpoints_refuses_a_bad_extra(tmp_path):
+    proc = subprocess.run([sys.executable, "scripts/evaluate_checkpoints.py", "--run", str(tmp_path),
+                           "--extra", "quick=somewhere", "--out", str(tmp_path / "x")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "--extra expects NAME=PATH@DIALOGUES" in proc.stderr.splitlines()[-1]
