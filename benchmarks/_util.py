@@ -96,3 +96,29 @@ def verdict(ok: bool, absolute: bool = False) -> str:
     if absolute and not ok and os.getloadavg()[0] > (os.cpu_count() or 1):
         text += " (CPU busy: rerun when idle)"
     return text
+
+
+def make_standin_adapters(profile, folder: Path, names=("dialogsum", "oasst")) -> dict[str, str]:
+    """Real peft LoRA adapters (r 16 on the profile's targets) for when the profile's own are not
+    there: B is small and random, so each changes outputs a little, as a trained adapter does."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from phisum.models import load_base
+
+    base, _ = load_base(profile, dtype=torch.float32, progress=False)
+    paths = {}
+    for seed, name in enumerate(names):
+        torch.manual_seed(seed)
+        config = LoraConfig(r=16, lora_alpha=32, target_modules=list(profile.lora_target_modules), task_type="CAUSAL_LM")
+        model = get_peft_model(base, config)
+        with torch.no_grad():
+            for key, p in model.named_parameters():
+                if "lora_B" in key:
+                    p.normal_(0, 0.002)
+        # peft reads model.name_or_path, which is the cache folder for the embedded base
+        model.peft_config["default"].base_model_name_or_path = profile.base_model
+        model.save_pretrained(folder / name)
+        base = model.unload()  # back to the plain base for the next adapter
+        paths[name] = str(folder / name)
+    return paths

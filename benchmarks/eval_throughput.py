@@ -34,27 +34,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path[:0] = [str(HERE), str(ROOT)]  # _util and phisum, from any working directory
-from _util import load_line
-
-
-def build_standin_adapter(profile, path: Path, seed: int = 0) -> Path:
-    """A real LoRA adapter on the profile's base whose B is random, so it changes outputs."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-
-    from phisum.models import load_base
-
-    model, _ = load_base(profile, dtype="fp32", progress=False)
-    model.name_or_path = profile.base_model  # what peft records as base_model_name_or_path
-    config = LoraConfig(r=8, lora_alpha=16, target_modules=list(profile.lora_target_modules), task_type="CAUSAL_LM")
-    model = get_peft_model(model, config)
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.002)
-    model.save_pretrained(path)
-    return path
+from _util import load_line, make_standin_adapters
 
 
 def main(argv=None) -> int:
@@ -98,8 +78,8 @@ def main(argv=None) -> int:
     tmp = None
     if not (adapter / "adapter_model.safetensors").exists():
         tmp = tempfile.TemporaryDirectory()
-        print(f"{adapter} not found: using a stand-in LoRA adapter (random B, r=8) in {tmp.name}")
-        adapter = build_standin_adapter(profile, Path(tmp.name) / "dialogsum")
+        print(f"{adapter} not found: using a stand-in LoRA adapter (small random B, r=16) in {tmp.name}")
+        adapter = make_standin_adapters(profile, Path(tmp.name), names=("dialogsum",))["dialogsum"]
     backend = load_backend(profile.name, args.backend, adapters={"dialogsum": str(adapter)}, threads=args.threads,
                            batch_size=args.batch_size, dtype=args.dtype)
     if backend.missing:

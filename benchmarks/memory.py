@@ -28,7 +28,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]  # _util and phisum, from any working directory
-from _util import RESULT_TAG, load_line, median, print_table, run_child, verdict
+from _util import RESULT_TAG, load_line, make_standin_adapters, median, print_table, run_child, verdict
 
 GOAL = 1.1
 BACKENDS = ("transformers", "llamacpp")  # in-process backends: the child's RSS is what serving costs
@@ -105,28 +105,6 @@ def main(argv=None) -> int:
           f"peak (goal <= {GOAL}x: {verdict(ratio <= GOAL)})")
     print(f"after: {load_line()}")
     return 0
-
-
-def make_standin_adapters(profile, folder: Path) -> dict[str, str]:
-    """Two real peft LoRA adapters on the profile's base; random B so they change outputs."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-
-    from phisum.models import load_base
-
-    base, _ = load_base(profile, dtype=torch.float32, progress=False)
-    paths = {}
-    for seed, name in enumerate(("dialogsum", "oasst")):
-        torch.manual_seed(seed)
-        config = LoraConfig(r=16, lora_alpha=32, target_modules=list(profile.lora_target_modules),
-                            init_lora_weights=False, task_type="CAUSAL_LM")
-        model = get_peft_model(base, config)
-        # peft reads model.name_or_path, which is the cache folder for the embedded base
-        model.peft_config["default"].base_model_name_or_path = profile.base_model
-        model.save_pretrained(folder / name)
-        base = model.unload()  # back to the plain base for the next adapter
-        paths[name] = str(folder / name)
-    return paths
 
 
 if __name__ == "__main__":

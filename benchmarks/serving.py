@@ -52,22 +52,16 @@ def load(name: str, args):
     kind, _, options, _ = VARIANTS[name]
     profile = get_profile(args.profile)
     adapters = {k: v for k, v in profile.adapter_sources().items() if Path(v).exists()} or None
-    if adapters is None and args.profile == "tiny":
-        adapters = tiny_adapters()
+    if adapters is None:
+        import tempfile
+
+        from benchmarks._util import make_standin_adapters
+
+        adapters = make_standin_adapters(profile, Path(tempfile.mkdtemp(prefix="phisum-standin-")))
     if kind == "llamacpp":
         return LlamaCppBackend.load(profile, adapters, threads=args.threads, n_parallel=args.slots,
                                     progress=False, **options)
     return load_backend(profile, kind, adapters, threads=args.threads, progress=False)
-
-
-def tiny_adapters() -> dict:
-    import tempfile
-
-    from tests.conftest import make_tiny_adapter
-
-    root = Path(tempfile.mkdtemp())
-    return {"dialogsum": str(make_tiny_adapter(root / "d", trained=True)),
-            "oasst": str(make_tiny_adapter(root / "o", trained=True, seed=2))}
 
 
 def run_variant(name: str, args) -> dict:
