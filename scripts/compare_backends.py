@@ -56,6 +56,10 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
 
+    from phisum.startup import quiet_library_notices
+
+    quiet_library_notices()
+
     metrics = [json.loads((Path(r) / "metrics.json").read_text()) for r in args.reports]
     names = [m["model"].get("backend", "?") for m in metrics]
     if metrics[0]["systems"] != metrics[1]["systems"] or metrics[0]["items"] != metrics[1]["items"]:

@@ -85,6 +85,10 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True, help="path without suffix: OUT.json and OUT.png are written")
     args = parser.parse_args(argv)
 
+    from phisum.startup import quiet_library_notices
+
+    quiet_library_notices()
+
     from tqdm.auto import tqdm
 
     from phisum.backends import load_backend
