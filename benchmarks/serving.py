@@ -36,20 +36,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-VARIANTS = {  # name -> (backend, app concurrency or None for the backend's, load options, environment)
-    "transformers-serial": ("transformers", 1, {}, {}),
-    "transformers": ("transformers", None, {}, {}),
-    "llamacpp": ("llamacpp", None, {}, {}),
-    "llamacpp-passive": ("llamacpp", None, {}, {"OMP_WAIT_POLICY": "PASSIVE"}),
+VARIANTS = {  # name -> (backend, app concurrency or None for the backend's, environment)
+    "transformers-serial": ("transformers", 1, {}),
+    "transformers": ("transformers", None, {}),
+    "llamacpp": ("llamacpp", None, {}),
+    "llamacpp-passive": ("llamacpp", None, {"OMP_WAIT_POLICY": "PASSIVE"}),
 }
 
 
 def load(name: str, args):
     from phisum.backends import load_backend
-    from phisum.backends.llamacpp import LlamaCppBackend
     from phisum.profiles import get_profile
 
-    kind, _, options, _ = VARIANTS[name]
+    kind = VARIANTS[name][0]
     profile = get_profile(args.profile)
     adapters = {k: v for k, v in profile.adapter_sources().items() if Path(v).exists()} or None
     if adapters is None:
@@ -58,10 +57,7 @@ def load(name: str, args):
         from benchmarks._util import make_standin_adapters
 
         adapters = make_standin_adapters(profile, Path(tempfile.mkdtemp(prefix="phisum-standin-")))
-    if kind == "llamacpp":
-        return LlamaCppBackend.load(profile, adapters, threads=args.threads, n_parallel=args.slots,
-                                    progress=False, **options)
-    return load_backend(profile, kind, adapters, threads=args.threads, progress=False)
+    return load_backend(profile, kind, adapters, threads=args.threads, n_parallel=args.slots, progress=False)
 
 
 def run_variant(name: str, args) -> dict:
@@ -176,7 +172,7 @@ def main() -> int:
                    "--slots", str(args.slots)]
     for _ in range(args.iterations):
         for name in names:
-            env = {**os.environ, "HF_HUB_OFFLINE": "1", **VARIANTS[name][3]}
+            env = {**os.environ, "HF_HUB_OFFLINE": "1", **VARIANTS[name][2]}
             proc = subprocess.run([sys.executable, __file__, "--one", name, *passthrough], capture_output=True,
                                   text=True, cwd=ROOT, env=env)
             line = next((x for x in proc.stdout.splitlines() if x.startswith(RESULT_TAG)), None)

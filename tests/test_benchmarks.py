@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPTS = ["generation.py", "cold_start.py", "memory.py", "eval_throughput.py", "train_throughput.py"]
+SCRIPTS = ["generation.py", "cold_start.py", "memory.py", "eval_throughput.py", "train_throughput.py", "serving.py"]
 
 
 def run_benchmark(script: str, *args: str, timeout: float = 300) -> str:
@@ -63,6 +63,14 @@ def test_memory_quick_on_tiny_compares_base_with_two_adapters():
     assert "stand-in LoRA adapters" in out  # the tiny profile ships no adapters
     ratio = re.search(r"base \+ 2 adapters / base only = ([\d.]+)x RSS", out)
     assert ratio and 0.5 < float(ratio.group(1)) < 3
+
+
+@pytest.mark.slow
+def test_serving_quick_on_tiny_serves_the_real_app_without_errors():
+    out = run_benchmark("serving.py", "--profile", "tiny", "--quick")
+    for variant in ("transformers-serial", "transformers"):
+        assert re.search(rf"^{variant}: p95/p50 = [\d.]+; errors \[\]$", out, re.MULTILINE), f"{variant} row"
+    assert float(re.search(r"summaries/min ([\d.]+)x", out).group(1)) > 0
 
 
 def test_eval_throughput_quick_on_tiny_compares_batched_with_one_at_a_time():
