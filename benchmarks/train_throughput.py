@@ -9,21 +9,28 @@ is computed and when memory is freed, not what the loss is).
 
 Variants:
   trl           trl's SFTTrainer with its defaults (activation checkpointing, full logits)
-  one-backward  the trainer before this change: one backward per batch (all length groups'
-                graphs alive at once), eager attention, glibc keeping freed memory (1 GB)
+  one-backward  the trainer as the issue found it: one backward per batch (all length groups'
+                graphs alive at once), whole-vocabulary logits, glibc keeping freed memory
   phisum        the default: one forward+backward per length group (at most max_group_tokens
-                padded tokens), eager attention, freed memory returned after every step
+                padded tokens), the LM head's loss in chunks (phisum.head_loss), eager attention,
+                glibc keeping freed memory, trimmed every 8 steps
   phisum-sdpa   the same with torch's scaled_dot_product_attention (no score matrices kept)
-  phisum-notrim the same as phisum without returning freed memory after each step
-  phisum-keep   the same as phisum-notrim with glibc keeping freed memory (1 GB), as one-backward does
+  phisum-plainhead  the same with the head + cross-entropy over a group's completion tokens at once
+                (vocabulary-wide logits alive until the backward)
+  phisum-trim-each  glibc's default allocator settings, trimmed after every step (the previous default)
+  phisum-notrim glibc's defaults, never trimmed
+  phisum-keep   freed memory kept, never trimmed (fragmentation grows with the step count)
+  NAME@TOKENS   a per-group variant with groups of at most TOKENS padded tokens (phisum@1536)
 
 Usage:
   python benchmarks/train_throughput.py --rows recipe --data ../shared/data/dialogsum-full --steps 16 \
-      --variants one-backward,phisum,phisum-keep     # the README's memory row (~10 min)
+      --variants one-backward,phisum,phisum-trim-each --iterations 2   # the README's memory row (~12 min)
   python benchmarks/train_throughput.py                 # embedded Gemma 3 270M, the longest DialogSum rows
   python benchmarks/train_throughput.py --profile tiny  # seconds, for a smoke check
   python benchmarks/train_throughput.py --steps 4 --batch 8 --json out.json
   python benchmarks/train_throughput.py --variants one-backward,phisum   # a subset (trl is slow)
+  python benchmarks/train_throughput.py --rows recipe --data ../shared/data/dialogsum-full --steps 12 \
+      --variants one-backward,phisum --iterations 3    # interleaved rounds: medians, and the spread
 """
 
 from __future__ import annotations
@@ -36,38 +43,27 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-def keep_freed_memory(limit: int = 1 << 30) -> bool:
-    """Ask glibc to keep freed blocks up to `limit` for reuse instead of returning them.
-
-    What phisum's trainer did before per-group backward: with one backward per batch,
-    each step freed and re-faulted gigabytes of blocks above glibc's mmap threshold, and
-    keeping them mapped paid off. With per-group backward the blocks are small and the
-    heap kept this way fragments (RSS grows step after step), so the trainer now leaves
-    glibc at its defaults; the variants here show both. Process-wide; False off glibc."""
-    import ctypes
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):  # musl and others: nothing to tune
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    # glibc < 2.35 caps the mmap threshold at 32 MB on 64-bit: fall back to the cap.
-    ok = bool(mallopt(m_mmap_threshold, limit) or mallopt(m_mmap_threshold, 32 << 20))
-    return bool(mallopt(m_trim_threshold, 2**31 - 1)) and ok
-
-
-VARIANTS = {  # name -> (label, fast trainer, trainer kwargs, attention, keep_freed_memory limit or None)
-    "trl": ("trl SFTTrainer defaults", False, {}, None, None),
+VARIANTS = {  # name -> (label, fast trainer, trainer kwargs, attention)
+    "trl": ("trl SFTTrainer defaults", False, {}, None),
     "one-backward": ("one backward per batch (the old trainer)", True,
-                     {"max_group_tokens": None, "release_memory": False}, "eager", 1 << 30),
-    "phisum": ("phisum fast CPU path", True, {}, "eager", None),
-    "phisum-sdpa": ("phisum, sdpa attention", True, {}, "sdpa", None),
-    "phisum-notrim": ("phisum, no malloc_trim after steps", True, {"release_memory": False}, "eager", None),
-    "phisum-keep": ("phisum, freed memory kept (1 GB)", True, {"release_memory": False}, "eager", 1 << 30),
+                     {"max_group_tokens": None, "release_every": 0, "chunked_head": False}, "eager"),
+    "phisum": ("phisum fast CPU path", True, {}, "eager"),
+    "phisum-sdpa": ("phisum, sdpa attention", True, {}, "sdpa"),
+    "phisum-plainhead": ("phisum, whole-vocabulary logits", True, {"chunked_head": False}, "eager"),
+    "phisum-trim-each": ("phisum, glibc defaults, trim each step", True,
+                         {"keep_memory": False, "release_every": 1}, "eager"),
+    "phisum-notrim": ("phisum, glibc defaults, no trim", True, {"keep_memory": False, "release_every": 0}, "eager"),
+    "phisum-keep": ("phisum, freed memory kept, no trim", True, {"release_every": 0}, "eager"),
 }
+
+
+def variant(name: str) -> tuple:
+    """VARIANTS[name]; "NAME@TOKENS" is NAME with groups of at most TOKENS padded tokens."""
+    base, _, tokens = name.partition("@")
+    label, fast, kwargs, attention = VARIANTS[base]
+    if tokens:
+        label, kwargs = f"{label}, groups <= {tokens}", {**kwargs, "max_group_tokens": int(tokens)}
+    return label, fast, kwargs, attention
 
 
 class RSSCallback:
@@ -102,11 +98,9 @@ def run_variant(name: str, args) -> dict:
     from phisum.profiles import PROFILES
     from phisum.tasks import TASKS
 
-    _, fast, trainer_kwargs, attention, keep = VARIANTS[name]
+    _, fast, trainer_kwargs, attention = variant(name)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if keep:
-        keep_freed_memory(keep)
     profile = PROFILES[args.profile]
     model, tokenizer = load_base(profile, dtype=torch.float32, device="cpu", progress=False)
     train, _ = load_dialogsum(args.data, "train")
@@ -139,7 +133,11 @@ def run_variant(name: str, args) -> dict:
     if len(batches) < args.steps:  # trl drops rows whose prompt fills max_length
         raise SystemExit(f"only {len(batches)} batches of {args.batch} fit max_length 768; "
                          f"lower --steps or --batch")
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF)
     trainer.train()
+    after = resource.getrusage(resource.RUSAGE_SELF)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     # The first step pays one-off costs (oneDNN kernel selection, allocator growth): timed apart.
     tokens = sum(int(b["attention_mask"].sum()) for b in batches[1:])
@@ -147,7 +145,19 @@ def run_variant(name: str, args) -> dict:
     return {"tokens": tokens, "seconds": seconds, "tokens_per_second": tokens / seconds,
             "first_step_seconds": meter.step_seconds[0], "losses": losses, "peak_rss_mb": peak_rss_mb(),
             "rss_mb_per_step": memory.rss_mb,
+            # page faults and kernel time: what returning freed memory costs when it is faulted back in
+            "minor_faults_per_step": (after.ru_minflt - before.ru_minflt) / args.steps,
+            "sys_share": (after.ru_stime - before.ru_stime) / max(after.ru_utime - before.ru_utime
+                                                                  + after.ru_stime - before.ru_stime, 1e-9),
             "threads": torch.get_num_threads()}
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The run with the median tokens/s (its own peak RSS and losses), peak RSS as the median too."""
+    import statistics
+
+    ordered = sorted(runs, key=lambda r: r["tokens_per_second"])
+    return {**ordered[(len(ordered) - 1) // 2], "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in runs)}
 
 
 def main() -> int:
@@ -164,6 +174,8 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch threads per variant (default torch's)")
     parser.add_argument("--variants", default=",".join(VARIANTS),
                         help=f"comma-separated, run in this order (default all: {','.join(VARIANTS)})")
+    parser.add_argument("--iterations", type=int, default=1,
+                        help="rounds over the variants, interleaved (fresh processes); the table shows medians")
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one variant, print JSON
     parser.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
@@ -171,7 +183,7 @@ def main() -> int:
     if args.steps < 2:
         parser.error("--steps must be at least 2 (the first step is an untimed warm-up)")
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = [v for v in names if v not in VARIANTS]
+    unknown = [v for v in names if v.split("@")[0] not in VARIANTS or not (v + "@0").split("@")[1].isdigit()]
     if unknown or not names:
         parser.error(f"unknown variant {unknown[0] if unknown else '(none)'}; choose from {', '.join(VARIANTS)}")
     if not Path(args.data).exists():
@@ -187,25 +199,33 @@ def main() -> int:
 
     print(f"{args.profile}: {args.steps} steps of batch {args.batch} DialogSum rows ({args.rows}); {load_line()}",
           flush=True)
-    results = {}
+    runs: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name in names:
-            command = [sys.executable, __file__, "--one", name, "--workdir", tmp, "--profile", args.profile,
-                       "--data", args.data, "--steps", str(args.steps), "--batch", str(args.batch), "--rows", args.rows]
-            if args.threads:
-                command += ["--threads", str(args.threads)]
-            if args.max_group_tokens:
-                command += ["--max-group-tokens", str(args.max_group_tokens)]
-            proc = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
-            line = next((x for x in proc.stdout.splitlines() if x.startswith(RESULT_TAG)), None)
-            if line is None:
-                print(f"variant {name} failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}", file=sys.stderr)
-                return 1
-            results[name] = json.loads(line[len(RESULT_TAG):])
-    print(f"{'variant':<36}{'tokens/s':>10}{'seconds':>10}{'peak RSS MB':>13}{'last RSS MB':>13}   losses per step")
+        for round_ in range(args.iterations):
+            for name in names:
+                command = [sys.executable, __file__, "--one", name, "--workdir", tmp, "--profile", args.profile,
+                           "--data", args.data, "--steps", str(args.steps), "--batch", str(args.batch),
+                           "--rows", args.rows]
+                if args.threads:
+                    command += ["--threads", str(args.threads)]
+                if args.max_group_tokens:
+                    command += ["--max-group-tokens", str(args.max_group_tokens)]
+                proc = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+                line = next((x for x in proc.stdout.splitlines() if x.startswith(RESULT_TAG)), None)
+                if line is None:
+                    print(f"variant {name} failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}", file=sys.stderr)
+                    return 1
+                runs.setdefault(name, []).append(json.loads(line[len(RESULT_TAG):]))
+                r = runs[name][-1]
+                print(f"  round {round_ + 1}: {name} {r['tokens_per_second']:.1f} tokens/s, "
+                      f"peak {r['peak_rss_mb']:.0f} MB ({load_line()})", flush=True)
+    results = {name: median_run(rs) for name, rs in runs.items()}
+    print(f"{'variant':<36}{'tokens/s':>10}{'seconds':>10}{'peak RSS MB':>13}{'last RSS MB':>13}"
+          f"{'faults/step':>13}{'sys %':>7}   losses per step")
     for name, r in results.items():
-        print(f"{VARIANTS[name][0]:<36}{r['tokens_per_second']:>10.1f}{r['seconds']:>10.1f}"
-              f"{r['peak_rss_mb']:>13.0f}{r['rss_mb_per_step'][-1]:>13.0f}   "
+        print(f"{variant(name)[0]:<36}{r['tokens_per_second']:>10.1f}{r['seconds']:>10.1f}"
+              f"{r['peak_rss_mb']:>13.0f}{r['rss_mb_per_step'][-1]:>13.0f}"
+              f"{r['minor_faults_per_step']:>13.0f}{100 * r['sys_share']:>7.1f}   "
               + " ".join(f"{x:.4f}" for x in r["losses"]))
     for name, r in results.items():
         print(f"RSS MB after each step, {name}: {r['rss_mb_per_step']}")
@@ -219,9 +239,13 @@ def main() -> int:
         first = next(iter(results.values()))
         gap = max(abs(a - b) for r in results.values() for a, b in zip(r["losses"], first["losses"]))
         print(f"largest per-step loss difference {gap:.4f}")
+    if args.iterations > 1:
+        for name, rs in runs.items():
+            print(f"{name} per round: tokens/s {[round(r['tokens_per_second'], 1) for r in rs]}, "
+                  f"peak RSS MB {[round(r['peak_rss_mb']) for r in rs]}")
     if args.json:
         Path(args.json).write_text(json.dumps({"profile": args.profile, "steps": args.steps, "batch": args.batch,
-                                               "results": results}, indent=2))
+                                               "results": results, "runs": runs}, indent=2))
     return 0
 
 

@@ -1,4 +1,4 @@
-"""A faster SFTTrainer for CPUs: logits only where the loss is.
+"""A faster SFTTrainer for CPUs: logits only where the loss is, a few rows at a time.
 
 trl's SFTTrainer builds the LM head output over the whole vocabulary at every
 position and then walks it again for entropy/accuracy metrics; with Gemma's
@@ -6,8 +6,10 @@ position and then walks it again for entropy/accuracy metrics; with Gemma's
 needs the head at completion positions, so this subclass gathers the final
 hidden states there (a pre-hook on the output embedding, which keeps the call
 going through DDP/peft wrappers) and runs lm_head + cross-entropy on those rows
-alone, under bf16 autocast with fp32 master weights. Same loss definition as trl
-(sum over completion tokens / tokens in the accumulated batch).
+alone, under bf16 autocast with fp32 master weights; a frozen head goes through
+phisum.head_loss in chunks, so no vocabulary-wide block of logits outlives its
+chunk. Same loss definition as trl (sum over completion tokens / tokens in the
+accumulated batch).
 
 Under bf16 autocast the frozen base Linear weights are stored in bf16 up front:
 autocast would round them to bf16 before every matmul anyway (same numbers, same
@@ -17,7 +19,9 @@ halves their memory. Trainable (LoRA) weights stay fp32.
 
 from __future__ import annotations
 
+import ctypes
 import functools
+import sys
 import time
 from contextlib import nullcontext
 
@@ -26,12 +30,11 @@ import torch.nn.functional as F
 from transformers import TrainerCallback
 from trl import SFTTrainer
 
+from phisum.head_loss import chunked_head_loss, final_logit_softcap, logits_are_head_output
+
 
 @functools.cache
 def _malloc_trim():
-    import ctypes
-    import sys
-
     if not sys.platform.startswith("linux"):
         return None
     try:
@@ -41,15 +44,34 @@ def _malloc_trim():
 
 
 def release_freed_memory() -> bool:
-    """Give memory freed during a step back to the kernel (glibc's malloc_trim).
+    """Give memory freed so far back to the kernel (glibc's malloc_trim).
 
     Each step's groups have different shapes; glibc reuses freed blocks where they fit and
-    otherwise grows its heap, and it only returns memory at the heap's top by itself. Over a
-    long run the holes add up, and RSS climbed by gigabytes with the step count. Trimming
-    after every step keeps RSS at one step's working set; the cost is re-faulting those pages
-    in the next step (benchmarks/train_throughput.py, variant phisum-notrim)."""
+    otherwise grows its heap, so over a long run the holes add up and RSS climbs by gigabytes
+    with the step count. A trim brings RSS back to the live working set; the price is that
+    the next step faults its pages in again (benchmarks/train_throughput.py: faults/step)."""
     trim = _malloc_trim()
     return bool(trim and trim(0))
+
+
+def keep_freed_memory(limit: int = 1 << 30) -> bool:
+    """Ask glibc to keep freed blocks up to `limit` for reuse instead of unmapping them.
+
+    By default glibc serves every block above its mmap threshold (at most 32 MB) with a fresh
+    mapping and unmaps it on free, so each training step faults in the same gigabytes of
+    pages again and the kernel zeroes them: about a tenth of a CPU step went there. Kept
+    blocks are reused; what they cost in fragmentation the trainer takes back with a trim
+    every `release_every` steps. Process-wide; False off glibc."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # musl and others: nothing to tune
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    # glibc < 2.35 caps the mmap threshold at 32 MB on 64-bit: fall back to the cap.
+    ok = bool(mallopt(m_mmap_threshold, limit) or mallopt(m_mmap_threshold, 32 << 20))
+    return bool(mallopt(m_trim_threshold, 2**31 - 1)) and ok
 
 
 def output_head(model):
@@ -79,15 +101,29 @@ class CompletionOnlySFTTrainer(SFTTrainer):
     """SFTTrainer whose loss computes the LM head only where labels != -100."""
 
     def __init__(self, *args, autocast_bf16: bool = True, unpad_overhead_tokens: int | None = 64,
-                 max_group_tokens: int | None = 768, release_memory: bool = True, **kwargs):
+                 max_group_tokens: int | None = 768, release_every: int = 8, keep_memory: bool = True,
+                 chunked_head: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
-        self.release_memory = release_memory and self.args.device.type == "cpu"
+        on_cpu = self.args.device.type == "cpu"
+        self.release_every = release_every if on_cpu else 0  # steps between trims; 0: never
+        if keep_memory and on_cpu:
+            keep_freed_memory()
         self.autocast_bf16 = autocast_bf16
         self.unpad_overhead_tokens = unpad_overhead_tokens  # None: one forward over the padded batch
         self.max_group_tokens = max_group_tokens  # None: one backward per batch (all groups' graphs alive)
-        if autocast_bf16 and self.args.device.type == "cpu":
+        cpu_autocast = autocast_bf16 and self.args.device.type == "cpu"
+        self.head_weight = self.head_bias = None
+        self.softcap = final_logit_softcap(self.model)
+        head = output_head(self.model)
+        if chunked_head and logits_are_head_output(self.model, head, self.softcap):
+            # bf16 copies made once, where autocast would cast the fp32 (tied) weight in every group
+            cast = (lambda t: t.detach().to(torch.bfloat16)) if cpu_autocast else (lambda t: t.detach())
+            self.head_weight = cast(head.weight)
+            self.head_bias = cast(head.bias) if head.bias is not None else None
+        if cpu_autocast:
             store_frozen_linears_in_bf16(self.model)
         self.trained_tokens = 0  # tokens through forward+backward on this rank
+        self.steps_since_release = 0
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The whole batch's loss in one graph (evaluation, and training under DDP)."""
@@ -124,9 +160,31 @@ class CompletionOnlySFTTrainer(SFTTrainer):
             self.accelerator.backward(loss)
             total += loss.detach()
         self._count_trained_tokens(inputs)
-        if self.release_memory:
-            release_freed_memory()
+        self.steps_since_release += 1
+        if self.release_every and self.steps_since_release >= self.release_every:
+            self._release_freed_memory()
         return total
+
+    def evaluate(self, *args, **kwargs):
+        """Evaluation and checkpoint saves run beside the training state with shapes of their
+        own; freed memory is returned before and after them too, not only after steps."""
+        self._release_freed_memory()
+        try:
+            return super().evaluate(*args, **kwargs)
+        finally:
+            self._release_freed_memory()
+
+    def _save_checkpoint(self, model, trial):
+        self._release_freed_memory()
+        try:
+            return super()._save_checkpoint(model, trial)
+        finally:
+            self._release_freed_memory()
+
+    def _release_freed_memory(self) -> None:
+        if self.release_every:
+            release_freed_memory()
+            self.steps_since_release = 0
 
     def _loss_denominator(self, labels, num_items_in_batch):
         """trl's: tokens in the accumulated batch when given, else this batch's completion tokens."""
@@ -147,9 +205,16 @@ class CompletionOnlySFTTrainer(SFTTrainer):
         shifted = sub_labels[:, 1:]
         positions = shifted != -100
 
+        states = []
+
         def gather_completion_states(module, args):
-            # (batch, seq, hidden) -> (completion tokens, hidden): the head sees only those rows.
-            return (args[0][:, :-1][positions],)
+            # (batch, seq, hidden) -> (completion tokens, hidden): the head sees only those rows,
+            # or none when the chunked loss below runs the head itself.
+            gathered = args[0][:, :-1][positions]
+            if self.head_weight is None:
+                return (gathered,)
+            states.append(gathered)
+            return (gathered[:0],)
 
         handle = head.register_forward_pre_hook(gather_completion_states)
         try:
@@ -157,6 +222,8 @@ class CompletionOnlySFTTrainer(SFTTrainer):
                 outputs = model(input_ids=ids, attention_mask=sub_mask, use_cache=False)
         finally:
             handle.remove()
+        if self.head_weight is not None:
+            return chunked_head_loss(states[0], self.head_weight, shifted[positions], self.softcap, self.head_bias)
         # model-side softcapping (Gemma) is already applied to these logits
         return F.cross_entropy(outputs.logits.float(), shifted[positions], reduction="sum")
 

@@ -335,3 +335,29 @@ def test_per_group_backward_gives_the_one_backward_gradients(tmp_path, data_dir)
     (loss_a, a), (loss_b, b) = grads
     assert loss_a == pytest.approx(loss_b, rel=1e-5) and a.keys() == b.keys() and a
     assert all(torch.allclose(a[n], b[n], atol=1e-6, rtol=1e-4) for n in a)
+
+
+def test_chunked_head_gives_the_plain_head_gradients(tmp_path, data_dir):
+    """The chunked head loss computes the hidden-state gradient in its forward: same gradients."""
+    from datasets import Dataset
+
+    from phisum.fast_trainer import CompletionOnlySFTTrainer
+
+    pargs, sft, margs, model, tokenizer, rows = lora_with_random_b(tmp_path, data_dir, lora_dropout=0.0,
+                                                                     per_device_train_batch_size=8)
+    training.choose_fast_path(pargs, sft, margs)
+    grads = []
+    for chunked in (False, True):
+        model.zero_grad()
+        trainer = CompletionOnlySFTTrainer(model=model, args=sft, train_dataset=Dataset.from_list(rows),
+                                           processing_class=tokenizer, max_group_tokens=64,
+                                           autocast_bf16=False, chunked_head=chunked)
+        assert (trainer.head_weight is not None) == chunked
+        batch = next(iter(trainer.get_train_dataloader()))
+        trainer.create_optimizer()
+        trainer.current_gradient_accumulation_steps = 1
+        loss = trainer.training_step(model, batch)
+        grads.append((float(loss), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (loss_a, a), (loss_b, b) = grads
+    assert loss_a == pytest.approx(loss_b, rel=1e-5) and a.keys() == b.keys() and a
+    assert all(torch.allclose(a[n], b[n], atol=1e-6, rtol=1e-4) for n in a)
