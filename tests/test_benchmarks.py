@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPTS = ["generation.py", "cold_start.py", "memory.py", "eval_throughput.py", "train_throughput.py", "serving.py"]
+SCRIPTS = ["generation.py", "cold_start.py", "memory.py", "eval_throughput.py", "train_throughput.py", "serving.py",
+           "head_loss.py"]
 
 
 def run_benchmark(script: str, *args: str, timeout: float = 300) -> str:
@@ -96,3 +97,9 @@ def test_train_throughput_on_tiny_same_losses_both_trainers():
     assert float(rows["trl SFTTrainer defaults"][0]) > 0 and float(rows["phisum fast CPU path"][0]) > 0
     gap = re.search(r"largest per-step loss difference ([\d.]+)", out)
     assert gap and float(gap.group(1)) < 0.01  # same loss, computed differently
+
+
+def test_head_loss_benchmark_same_loss_and_gradient():
+    out = run_benchmark("head_loss.py", "--profile", "tiny", "--tokens", "16,64", "--iterations", "1")
+    rows = [line for line in out.splitlines() if " tokens: " in line]
+    assert len(rows) == 2 and all("same loss and gradient: True" in r for r in rows), out
