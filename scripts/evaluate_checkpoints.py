@@ -12,7 +12,8 @@ Usage:
       --steps 75,375,750,1125,1554 --data ../shared/data/dialogsum --n 200 \\
       --extra quick=assets/adapters/embedded/dialogsum-quick@601 \\
       --out assets/adapters/embedded/dialogsum/data_scaling
-Writes OUT.json and OUT.png. Checkpoints that are incomplete are skipped with a note.
+Writes OUT.json and OUT.png. Checkpoints that are incomplete are skipped with a note. `--reuse`
+keeps the points OUT.json already holds (same split, items and data) and scores only the new ones.
 """
 
 from __future__ import annotations
@@ -41,6 +42,17 @@ def checkpoints(run: Path, steps: list[int] | None) -> dict[str, tuple[Path, int
         per_step = state["train_batch_size"] * state.get("gradient_accumulation_steps", 1)
         found[f"step-{step}"] = (folder, state["global_step"] * per_step)
     return found
+
+
+def previous_points(path: Path, split: str, items: int, data: str) -> dict[str, dict]:
+    """name -> point from an earlier OUT.json scored on the same split, items and data."""
+    if not path.exists():
+        return {}
+    old = json.loads(path.read_text())
+    if (old.get("split"), old.get("items"), old.get("data")) != (split, items, data):
+        print(f"not reusing {path}: scored on other items", file=sys.stderr)
+        return {}
+    return {p["name"]: p for p in old["points"]}
 
 
 def plot(points: list[dict], path: Path, title: str) -> None:
@@ -83,6 +95,9 @@ def main(argv=None) -> int:
     parser.add_argument("--extra", action="append", default=[], metavar="NAME=PATH@DIALOGUES")
     parser.add_argument("--no-semantic", action="store_true", help="ROUGE only (skip the MiniLM cosine)")
     parser.add_argument("--out", required=True, help="path without suffix: OUT.json and OUT.png are written")
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep the scores OUT.json already holds for the same split and items (a run's new "
+                             "checkpoints are scored, the old ones not again)")
     args = parser.parse_args(argv)
 
     from phisum.startup import quiet_library_notices
@@ -117,8 +132,13 @@ def main(argv=None) -> int:
     if backend.missing:
         print(f"error: {next(iter(backend.missing.values()))}", file=sys.stderr)
         return 2
+    out = Path(args.out)
+    kept = previous_points(out.with_suffix(".json"), args.split, len(items), report.summary()) if args.reuse else {}
     points = []
     for name, (folder, seen) in tqdm(adapters.items(), desc="adapters"):
+        if name in kept:
+            points.append(kept[name])
+            continue
         result = evaluate(backend, items, systems=[name], task=task, settings=GenerationSettings(max_new_tokens=128),
                           batch_size=args.batch_size, semantic=available() and not args.no_semantic)
         points.append({"name": name, "kind": "checkpoint" if name.startswith("step-") else "extra",
@@ -126,7 +146,6 @@ def main(argv=None) -> int:
                        "ci95": result.intervals[name], "failures": result.failures[name]})
         print(f"{name:<14} {seen:>6} dialogues  " + "  ".join(f"{m} {v:.4f}" for m, v in points[-1]["scores"].items()),
               file=sys.stderr)
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"run": args.run, "data": report.summary(), "items": len(items),
                                                     "split": args.split, "points": points}, indent=2) + "\n")

@@ -48,6 +48,19 @@ def test_evaluate_checkpoints_scores_each_against_dialogues_seen(tmp_path, tiny_
     assert result["split"] == "validation" and result["items"] == 2
     assert out.with_suffix(".png").stat().st_size > 10_000
 
+    # --reuse: a new checkpoint is scored, the old ones are read back (a marked score survives)
+    result["points"][0]["scores"]["rouge1"] = 0.123456
+    out.with_suffix(".json").write_text(json.dumps(result))
+    fake_checkpoint(run, 8, tiny_adapters["zero"])
+    proc = subprocess.run(
+        [sys.executable, "scripts/evaluate_checkpoints.py", "--run", str(run), "--profile", "tiny",
+         "--data", str(data), "--n", "2", "--batch-size", "2", "--no-semantic", "--reuse", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    points = {p["name"]: p for p in json.loads(out.with_suffix(".json").read_text())["points"]}
+    assert set(points) == {"step-2", "step-4", "step-8"} and points["step-2"]["scores"]["rouge1"] == 0.123456
+    assert points["step-8"]["examples"] == 16
+
 
 def test_evaluate_checkpoints_refuses_a_bad_extra(tmp_path):
     proc = subprocess.run([sys.executable, "scripts/evaluate_checkpoints.py", "--run", str(tmp_path),
