@@ -97,6 +97,35 @@ def store_frozen_linears_in_bf16(model) -> int:
     return count
 
 
+def store_tied_embedding_in_bf16(model):
+    """A frozen fp32 input embedding that is also the output head -> bf16, its output cast back to
+    fp32 (the residual stream stays fp32); returns the bf16 weight, or None when not tied.
+
+    Autocast computes the head in bf16 anyway, so one bf16 tensor serves both, instead of an fp32
+    embedding plus a bf16 copy for the head. The looked-up rows are rounded to bf16 (and Gemma's
+    embedding scale is applied in bf16, as in a bf16 model at inference)."""
+    inner = getattr(model, "module", model)
+    embedding, head = inner.get_input_embeddings(), inner.get_output_embeddings()
+    if embedding is None or head is None or embedding.weight is not head.weight or embedding.weight.requires_grad:
+        return None
+    if embedding.weight.dtype == torch.float32:
+        embedding.weight.data = embedding.weight.data.to(torch.bfloat16)
+    if not getattr(embedding, "_phisum_fp32_output", False):
+        embedding.register_forward_hook(lambda module, args, output: output.float())
+        embedding._phisum_fp32_output = True
+    return embedding.weight.detach() if embedding.weight.dtype == torch.bfloat16 else None
+
+
+def copy_file_backed_weights(model) -> None:
+    """Copy the frozen fp32 parameters and buffers left after the bf16 conversions (norms, biases)
+    into memory of their own. Loaded weights live in a mapping of the checkpoint file, which stays
+    mapped, with every page ever read counted in RSS, while any tensor still points into it."""
+    for module in model.modules():
+        for name, tensor in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+            if tensor is not None and tensor.dtype == torch.float32 and not tensor.requires_grad:
+                tensor.data = tensor.data.clone()
+
+
 class CompletionOnlySFTTrainer(SFTTrainer):
     """SFTTrainer whose loss computes the LM head only where labels != -100."""
 
@@ -116,12 +145,15 @@ class CompletionOnlySFTTrainer(SFTTrainer):
         self.softcap = final_logit_softcap(self.model)
         head = output_head(self.model)
         if chunked_head and logits_are_head_output(self.model, head, self.softcap):
-            # bf16 copies made once, where autocast would cast the fp32 (tied) weight in every group
+            # bf16 copies made once, where autocast would cast the fp32 (tied) weight in every group;
+            # a head tied to the input embedding becomes that embedding, stored in bf16
+            tied = store_tied_embedding_in_bf16(self.model) if cpu_autocast else None
             cast = (lambda t: t.detach().to(torch.bfloat16)) if cpu_autocast else (lambda t: t.detach())
-            self.head_weight = cast(head.weight)
+            self.head_weight = tied if tied is not None else cast(head.weight)
             self.head_bias = cast(head.bias) if head.bias is not None else None
         if cpu_autocast:
             store_frozen_linears_in_bf16(self.model)
+            copy_file_backed_weights(self.model)
         self.trained_tokens = 0  # tokens through forward+backward on this rank
         self.steps_since_release = 0
 

@@ -361,3 +361,46 @@ def test_chunked_head_gives_the_plain_head_gradients(tmp_path, data_dir):
     (loss_a, a), (loss_b, b) = grads
     assert loss_a == pytest.approx(loss_b, rel=1e-5) and a.keys() == b.keys() and a
     assert all(torch.allclose(a[n], b[n], atol=1e-6, rtol=1e-4) for n in a)
+
+
+def test_tied_head_shares_one_bf16_embedding_and_keeps_the_loss(tmp_path, data_dir):
+    """Gemma ties its head to the input embedding: on a CPU the trainer keeps one bf16 tensor for both
+    (the embedding's output cast back to fp32), and the checkpoint file's mapping is let go."""
+    import copy
+
+    from datasets import Dataset
+    from peft import LoraConfig, get_peft_model
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    from phisum.fast_trainer import CompletionOnlySFTTrainer
+
+    pargs, sft, margs = parse_recipe(["--config", str(write_recipe(tmp_path, data_dir, bf16=False))])
+    _, tokenizer, _ = training.load_model(pargs, margs, True)
+    rows, _, _ = training.load_examples(pargs, tokenizer.eos_token)
+    config = Gemma3TextConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                              num_attention_heads=2, num_key_value_heads=1, head_dim=32, sliding_window=16,
+                              tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    base = Gemma3ForCausalLM(config)
+    base.config._attn_implementation = "eager"
+    losses, grads = [], []
+    for chunked in (False, True):
+        torch.manual_seed(1)  # the same random LoRA weights in both
+        model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                               lora_dropout=0.0, init_lora_weights=False))
+        trainer = CompletionOnlySFTTrainer(model=model, args=sft, train_dataset=Dataset.from_list(rows),
+                                           processing_class=tokenizer, chunked_head=chunked)
+        embedding = model.get_input_embeddings()
+        if chunked:
+            assert embedding.weight.dtype == torch.bfloat16
+            assert trainer.head_weight.data_ptr() == embedding.weight.data_ptr()  # one tensor, not a copy
+            assert embedding(torch.tensor([[1, 2]])).dtype == torch.float32  # the residual stream stays fp32
+        else:
+            assert embedding.weight.dtype == torch.float32 and trainer.head_weight is None
+        batch = next(iter(trainer.get_train_dataloader()))
+        trainer.create_optimizer()
+        trainer.current_gradient_accumulation_steps = 1
+        losses.append(float(trainer.training_step(model, batch)))
+        grads.append(torch.cat([p.grad.flatten() for n, p in model.named_parameters() if p.grad is not None]))
+    assert losses[0] == pytest.approx(losses[1], rel=2e-2)  # bf16 rounding of the embedding, no more
+    assert torch.nn.functional.cosine_similarity(grads[0], grads[1], dim=0) > 0.99
