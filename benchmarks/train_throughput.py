@@ -21,6 +21,7 @@ Variants:
   phisum-notrim glibc's defaults, never trimmed
   phisum-keep   freed memory kept, never trimmed (fragmentation grows with the step count)
   NAME@TOKENS   a per-group variant with groups of at most TOKENS padded tokens (phisum@1536)
+  NAME/N        a per-group variant trimmed every N steps (phisum/2; phisum@1536/4)
 
 Usage:
   python benchmarks/train_throughput.py --rows recipe --data ../shared/data/dialogsum-full --steps 16 \
@@ -58,12 +59,27 @@ VARIANTS = {  # name -> (label, fast trainer, trainer kwargs, attention)
 
 
 def variant(name: str) -> tuple:
-    """VARIANTS[name]; "NAME@TOKENS" is NAME with groups of at most TOKENS padded tokens."""
-    base, _, tokens = name.partition("@")
+    """VARIANTS[name]; "NAME@TOKENS" is NAME with groups of at most TOKENS padded tokens, "NAME/N" NAME
+    trimmed every N steps (both may be given: phisum@1536/4)."""
+    import re
+
+    match = re.fullmatch(r"([\w-]+)(?:@(\d+))?(?:/(\d+))?", name)
+    if not match or match.group(1) not in VARIANTS:
+        raise KeyError(name)
+    base, tokens, every = match.groups()
     label, fast, kwargs, attention = VARIANTS[base]
     if tokens:
         label, kwargs = f"{label}, groups <= {tokens}", {**kwargs, "max_group_tokens": int(tokens)}
+    if every:
+        label, kwargs = f"{label}, trim every {every}", {**kwargs, "release_every": int(every)}
     return label, fast, kwargs, attention
+
+
+def known_variant(name: str) -> bool:
+    try:
+        return bool(variant(name))
+    except KeyError:
+        return False
 
 
 class RSSCallback:
@@ -183,7 +199,7 @@ def main() -> int:
     if args.steps < 2:
         parser.error("--steps must be at least 2 (the first step is an untimed warm-up)")
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = [v for v in names if v.split("@")[0] not in VARIANTS or not (v + "@0").split("@")[1].isdigit()]
+    unknown = [v for v in names if not known_variant(v)]
     if unknown or not names:
         parser.error(f"unknown variant {unknown[0] if unknown else '(none)'}; choose from {', '.join(VARIANTS)}")
     if not Path(args.data).exists():
