@@ -59,7 +59,7 @@ def keep_freed_memory(limit: int = 1 << 30) -> bool:
 
     By default glibc serves every block above its mmap threshold (at most 32 MB) with a fresh
     mapping and unmaps it on free, so each training step faults in the same gigabytes of
-    pages again and the kernel zeroes them: about a tenth of a CPU step went there. Kept
+    pages again and the kernel zeroes them (benchmarks/train_throughput.py: faults/step). Kept
     blocks are reused; what they cost in fragmentation the trainer takes back with a trim
     every `release_every` steps. Process-wide; False off glibc."""
     if not sys.platform.startswith("linux"):
@@ -121,7 +121,7 @@ def copy_file_backed_weights(model) -> None:
     into memory of their own. Loaded weights live in a mapping of the checkpoint file, which stays
     mapped, with every page ever read counted in RSS, while any tensor still points into it."""
     for module in model.modules():
-        for name, tensor in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+        for _, tensor in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
             if tensor is not None and tensor.dtype == torch.float32 and not tensor.requires_grad:
                 tensor.data = tensor.data.clone()
 
@@ -140,7 +140,7 @@ class CompletionOnlySFTTrainer(SFTTrainer):
         self.autocast_bf16 = autocast_bf16
         self.unpad_overhead_tokens = unpad_overhead_tokens  # None: one forward over the padded batch
         self.max_group_tokens = max_group_tokens  # None: one backward per batch (all groups' graphs alive)
-        cpu_autocast = autocast_bf16 and self.args.device.type == "cpu"
+        cpu_autocast = autocast_bf16 and on_cpu
         self.head_weight = self.head_bias = None
         self.softcap = final_logit_softcap(self.model)
         head = output_head(self.model)

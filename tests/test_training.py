@@ -312,6 +312,16 @@ def test_resume_skips_a_half_written_checkpoint(tmp_path, data_dir):
         training.resume_checkpoint(sft)
 
 
+def one_step_gradients(trainer, model):
+    """(loss, {name: grad}) of one training step on the trainer's first batch."""
+    model.zero_grad()
+    batch = next(iter(trainer.get_train_dataloader()))
+    trainer.create_optimizer()
+    trainer.current_gradient_accumulation_steps = 1  # set by the training loop
+    loss = trainer.training_step(model, batch)
+    return float(loss), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
 def test_per_group_backward_gives_the_one_backward_gradients(tmp_path, data_dir):
     """Bounding memory by one backward per length group must not change the gradients."""
     from datasets import Dataset
@@ -323,15 +333,10 @@ def test_per_group_backward_gives_the_one_backward_gradients(tmp_path, data_dir)
     training.choose_fast_path(pargs, sft, margs)
     grads = []
     for max_group_tokens in (None, 64):  # one backward per batch; one per group of at most 64 tokens
-        model.zero_grad()
         trainer = CompletionOnlySFTTrainer(model=model, args=sft, train_dataset=Dataset.from_list(rows),
                                            processing_class=tokenizer, max_group_tokens=max_group_tokens,
                                            autocast_bf16=False)
-        batch = next(iter(trainer.get_train_dataloader()))
-        trainer.create_optimizer()
-        trainer.current_gradient_accumulation_steps = 1  # set by the training loop
-        loss = trainer.training_step(model, batch)
-        grads.append((float(loss), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+        grads.append(one_step_gradients(trainer, model))
     (loss_a, a), (loss_b, b) = grads
     assert loss_a == pytest.approx(loss_b, rel=1e-5) and a.keys() == b.keys() and a
     assert all(torch.allclose(a[n], b[n], atol=1e-6, rtol=1e-4) for n in a)
@@ -348,16 +353,11 @@ def test_chunked_head_gives_the_plain_head_gradients(tmp_path, data_dir):
     training.choose_fast_path(pargs, sft, margs)
     grads = []
     for chunked in (False, True):
-        model.zero_grad()
         trainer = CompletionOnlySFTTrainer(model=model, args=sft, train_dataset=Dataset.from_list(rows),
                                            processing_class=tokenizer, max_group_tokens=64,
                                            autocast_bf16=False, chunked_head=chunked)
         assert (trainer.head_weight is not None) == chunked
-        batch = next(iter(trainer.get_train_dataloader()))
-        trainer.create_optimizer()
-        trainer.current_gradient_accumulation_steps = 1
-        loss = trainer.training_step(model, batch)
-        grads.append((float(loss), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+        grads.append(one_step_gradients(trainer, model))
     (loss_a, a), (loss_b, b) = grads
     assert loss_a == pytest.approx(loss_b, rel=1e-5) and a.keys() == b.keys() and a
     assert all(torch.allclose(a[n], b[n], atol=1e-6, rtol=1e-4) for n in a)
@@ -397,10 +397,8 @@ def test_tied_head_shares_one_bf16_embedding_and_keeps_the_loss(tmp_path, data_d
             assert embedding(torch.tensor([[1, 2]])).dtype == torch.float32  # the residual stream stays fp32
         else:
             assert embedding.weight.dtype == torch.float32 and trainer.head_weight is None
-        batch = next(iter(trainer.get_train_dataloader()))
-        trainer.create_optimizer()
-        trainer.current_gradient_accumulation_steps = 1
-        losses.append(float(trainer.training_step(model, batch)))
-        grads.append(torch.cat([p.grad.flatten() for n, p in model.named_parameters() if p.grad is not None]))
+        loss, step_grads = one_step_gradients(trainer, model)
+        losses.append(loss)
+        grads.append(torch.cat([g.flatten() for g in step_grads.values()]))
     assert losses[0] == pytest.approx(losses[1], rel=2e-2)  # bf16 rounding of the embedding, no more
     assert torch.nn.functional.cosine_similarity(grads[0], grads[1], dim=0) > 0.99
