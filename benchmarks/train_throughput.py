@@ -13,13 +13,14 @@ Variants:
                 graphs alive at once), whole-vocabulary logits, glibc keeping freed memory
   phisum        the default: one forward+backward per length group (at most max_group_tokens
                 padded tokens), the LM head's loss in chunks (phisum.head_loss), eager attention,
-                glibc keeping freed memory, trimmed every 8 steps
+                glibc keeping freed memory, trimmed every 8 steps or once RSS doubles since the last trim
   phisum-sdpa   the same with torch's scaled_dot_product_attention (no score matrices kept)
   phisum-plainhead  the same with the head + cross-entropy over a group's completion tokens at once
                 (vocabulary-wide logits alive until the backward)
   phisum-trim-each  glibc's default allocator settings, trimmed after every step (the previous default)
   phisum-notrim glibc's defaults, never trimmed
   phisum-keep   freed memory kept, never trimmed (fragmentation grows with the step count)
+  phisum-fixed  trimmed every 8 steps, not on RSS growth (the default until 2026-11-27)
   NAME@TOKENS   a per-group variant with groups of at most TOKENS padded tokens (phisum@1536)
   NAME/N        a per-group variant trimmed every N steps (phisum/2; phisum@1536/4)
 
@@ -47,14 +48,17 @@ sys.path.insert(0, str(ROOT))
 VARIANTS = {  # name -> (label, fast trainer, trainer kwargs, attention)
     "trl": ("trl SFTTrainer defaults", False, {}, None),
     "one-backward": ("one backward per batch (the old trainer)", True,
-                     {"max_group_tokens": None, "release_every": 0, "chunked_head": False}, "eager"),
+                     {"max_group_tokens": None, "release_every": 0, "release_above": None, "chunked_head": False},
+                     "eager"),
     "phisum": ("phisum fast CPU path", True, {}, "eager"),
     "phisum-sdpa": ("phisum, sdpa attention", True, {}, "sdpa"),
     "phisum-plainhead": ("phisum, whole-vocabulary logits", True, {"chunked_head": False}, "eager"),
     "phisum-trim-each": ("phisum, glibc defaults, trim each step", True,
                          {"keep_memory": False, "release_every": 1}, "eager"),
-    "phisum-notrim": ("phisum, glibc defaults, no trim", True, {"keep_memory": False, "release_every": 0}, "eager"),
-    "phisum-keep": ("phisum, freed memory kept, no trim", True, {"release_every": 0}, "eager"),
+    "phisum-notrim": ("phisum, glibc defaults, no trim", True,
+                      {"keep_memory": False, "release_every": 0, "release_above": None}, "eager"),
+    "phisum-keep": ("phisum, freed memory kept, no trim", True, {"release_every": 0, "release_above": None}, "eager"),
+    "phisum-fixed": ("phisum, trimmed every 8 steps only", True, {"release_above": None}, "eager"),
 }
 
 
@@ -160,7 +164,7 @@ def run_variant(name: str, args) -> dict:
     seconds = sum(meter.step_seconds[1:])
     return {"tokens": tokens, "seconds": seconds, "tokens_per_second": tokens / seconds,
             "first_step_seconds": meter.step_seconds[0], "losses": losses, "peak_rss_mb": peak_rss_mb(),
-            "rss_mb_per_step": memory.rss_mb,
+            "rss_mb_per_step": memory.rss_mb, "trims": getattr(trainer, "releases", 0),
             # page faults and kernel time: what returning freed memory costs when it is faulted back in
             "minor_faults_per_step": (after.ru_minflt - before.ru_minflt) / args.steps,
             "sys_share": (after.ru_stime - before.ru_stime) / max(after.ru_utime - before.ru_utime
@@ -237,11 +241,11 @@ def main() -> int:
                       f"peak {r['peak_rss_mb']:.0f} MB ({load_line()})", flush=True)
     results = {name: median_run(rs) for name, rs in runs.items()}
     print(f"{'variant':<36}{'tokens/s':>10}{'seconds':>10}{'peak RSS MB':>13}{'last RSS MB':>13}"
-          f"{'faults/step':>13}{'sys %':>7}   losses per step")
+          f"{'faults/step':>13}{'sys %':>7}{'trims':>7}   losses per step")
     for name, r in results.items():
         print(f"{variant(name)[0]:<36}{r['tokens_per_second']:>10.1f}{r['seconds']:>10.1f}"
               f"{r['peak_rss_mb']:>13.0f}{r['rss_mb_per_step'][-1]:>13.0f}"
-              f"{r['minor_faults_per_step']:>13.0f}{100 * r['sys_share']:>7.1f}   "
+              f"{r['minor_faults_per_step']:>13.0f}{100 * r['sys_share']:>7.1f}{r.get('trims', 0):>7}   "
               + " ".join(f"{x:.4f}" for x in r["losses"]))
     for name, r in results.items():
         print(f"RSS MB after each step, {name}: {r['rss_mb_per_step']}")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 import sys
 import time
 from contextlib import nullcontext
@@ -52,6 +53,15 @@ def release_freed_memory() -> bool:
     the next step faults its pages in again (benchmarks/train_throughput.py: faults/step)."""
     trim = _malloc_trim()
     return bool(trim and trim(0))
+
+
+def resident_bytes() -> int | None:
+    """This process's resident set size (Linux /proc); None where it cannot be read."""
+    try:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def keep_freed_memory(limit: int = 1 << 30) -> bool:
@@ -130,11 +140,18 @@ class CompletionOnlySFTTrainer(SFTTrainer):
     """SFTTrainer whose loss computes the LM head only where labels != -100."""
 
     def __init__(self, *args, autocast_bf16: bool = True, unpad_overhead_tokens: int | None = 64,
-                 max_group_tokens: int | None = 768, release_every: int = 8, keep_memory: bool = True,
-                 chunked_head: bool = True, **kwargs):
+                 max_group_tokens: int | None = 768, release_every: int = 8, release_above: float | None = 2.0,
+                 keep_memory: bool = True, chunked_head: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
         on_cpu = self.args.device.type == "cpu"
-        self.release_every = release_every if on_cpu else 0  # steps between trims; 0: never
+        # Freed memory is trimmed every `release_every` steps (0: never), and sooner once RSS passes
+        # `release_above` times the RSS right after the previous trim (None: no such check): the
+        # memory kept for reuse grows with the shapes a run meets, so a fixed interval alone lets
+        # a long run's peaks climb where short benchmarks never see it.
+        self.release_every = release_every if on_cpu else 0
+        self.release_above = release_above if on_cpu else None
+        self.releases = 0  # trims so far (benchmarks and tests read it)
+        self.rss_after_release = None
         if keep_memory and on_cpu:
             keep_freed_memory()
         self.autocast_bf16 = autocast_bf16
@@ -156,6 +173,8 @@ class CompletionOnlySFTTrainer(SFTTrainer):
             copy_file_backed_weights(self.model)
         self.trained_tokens = 0  # tokens through forward+backward on this rank
         self.steps_since_release = 0
+        if self.release_every or self.release_above:
+            self._release_freed_memory()  # the RSS the growth check compares against
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The whole batch's loss in one graph (evaluation, and training under DDP)."""
@@ -193,9 +212,17 @@ class CompletionOnlySFTTrainer(SFTTrainer):
             total += loss.detach()
         self._count_trained_tokens(inputs)
         self.steps_since_release += 1
-        if self.release_every and self.steps_since_release >= self.release_every:
+        if self._release_due():
             self._release_freed_memory()
         return total
+
+    def _release_due(self) -> bool:
+        if self.release_every and self.steps_since_release >= self.release_every:
+            return True
+        if self.release_above and self.rss_after_release:
+            rss = resident_bytes()
+            return rss is not None and rss > self.release_above * self.rss_after_release
+        return False
 
     def evaluate(self, *args, **kwargs):
         """Evaluation and checkpoint saves run beside the training state with shapes of their
@@ -214,9 +241,11 @@ class CompletionOnlySFTTrainer(SFTTrainer):
             self._release_freed_memory()
 
     def _release_freed_memory(self) -> None:
-        if self.release_every:
+        if self.release_every or self.release_above:
             release_freed_memory()
+            self.releases += 1
             self.steps_since_release = 0
+            self.rss_after_release = resident_bytes()
 
     def _loss_denominator(self, labels, num_items_in_batch):
         """trl's: tokens in the accumulated batch when given, else this batch's completion tokens."""

@@ -342,6 +342,31 @@ def test_per_group_backward_gives_the_one_backward_gradients(tmp_path, data_dir)
     assert all(torch.allclose(a[n], b[n], atol=1e-6, rtol=1e-4) for n in a)
 
 
+def test_freed_memory_is_trimmed_on_schedule_and_on_growth(tmp_path, data_dir):
+    """Trims follow release_every, and come sooner once RSS passes release_above x its size after the last one."""
+    from datasets import Dataset
+
+    from phisum.fast_trainer import CompletionOnlySFTTrainer, resident_bytes
+
+    pargs, sft, margs, model, tokenizer, rows = lora_with_random_b(tmp_path, data_dir, lora_dropout=0.0)
+    training.choose_fast_path(pargs, sft, margs)
+    assert resident_bytes() > 10 * 2**20
+
+    def trims(**release):
+        trainer = CompletionOnlySFTTrainer(model=model, args=sft, train_dataset=Dataset.from_list(rows),
+                                           processing_class=tokenizer, autocast_bf16=False, **release)
+        start = trainer.releases
+        for _ in range(4):
+            one_step_gradients(trainer, model)
+        return trainer.releases - start, trainer.rss_after_release
+
+    assert trims(release_every=0, release_above=None) == (0, None)
+    count, rss = trims(release_every=2, release_above=None)
+    assert count == 2 and rss > 0
+    assert trims(release_every=0, release_above=1e-6)[0] == 4  # any RSS passes it: a trim after every step
+    assert trims(release_every=0, release_above=1e6)[0] == 0
+
+
 def test_chunked_head_gives_the_plain_head_gradients(tmp_path, data_dir):
     """The chunked head loss computes the hidden-state gradient in its forward: same gradients."""
     from datasets import Dataset
