@@ -32,6 +32,8 @@ class PhisumArguments:
         adapter_dir: where the final adapter, summary and loss curve are written
             (default: <output_dir>/adapter). Checkpoints stay in output_dir.
         overwrite: replace an existing adapter_dir (otherwise the run refuses to start).
+        init_adapter: start from this peft adapter's weights instead of a fresh LoRA (another
+            epoch, more data); its rank and targets must be the recipe's.
         fast_cpu: completion-only-logits trainer; None = automatically on CPU.
     """
 
@@ -47,6 +49,8 @@ class PhisumArguments:
     max_eval_samples: int = field(default=0, metadata={"help": "use only the first N eval examples (0 = all)"})
     adapter_dir: str | None = field(default=None, metadata={"help": "final adapter folder (default output_dir/adapter)"})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing adapter_dir"})
+    init_adapter: str | None = field(default=None, metadata={"help": "train on from this adapter's weights "
+                                                                     "(same rank and targets), not a fresh LoRA"})
     fast_cpu: bool | None = field(default=None, metadata={"help": "fast CPU trainer (default: on when no CUDA)"})
 
     def __post_init__(self):

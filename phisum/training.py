@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -128,20 +127,43 @@ def save_adapter(trainer, adapter_dir: Path):
         trainer.accelerator.unwrap_model(trainer.model).save_pretrained(tmp)
 
 
-def add_lora(model, model_args, base_id: str, activation_checkpointing: bool):
-    """prepare_model_for_kbit_training for quantized bases, then a peft LoRA model."""
+def add_lora(model, model_args, base_id: str, activation_checkpointing: bool, init_adapter: str | None = None):
+    """prepare_model_for_kbit_training for quantized bases, then a peft LoRA model: a fresh LoRA
+    from the recipe, or, with `init_adapter`, that adapter's weights to train on (another epoch,
+    more data) under the rank and targets it was made with, which the recipe must repeat."""
     import trl
-    from peft import get_peft_model, prepare_model_for_kbit_training
+    from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 
     if not model_args.use_peft:
         raise ValueError("phisum trains LoRA adapters: set use_peft: true in the recipe")
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=activation_checkpointing)
     model.name_or_path = base_id
-    peft_model = get_peft_model(model, trl.get_peft_config(model_args))
+    if init_adapter:
+        check_init_adapter(Path(init_adapter), model_args, base_id)
+        peft_model = PeftModel.from_pretrained(model, init_adapter, is_trainable=True)
+    else:
+        peft_model = get_peft_model(model, trl.get_peft_config(model_args))
     for config in peft_model.peft_config.values():
         config.base_model_name_or_path = base_id  # what phisum.adapters.check_adapter reads
     return peft_model
+
+
+def check_init_adapter(folder: Path, model_args, base_id: str | None) -> None:
+    """Refuse an init_adapter that is not a safetensors peft LoRA of this base (None: not checked
+    yet) with the recipe's rank and targets."""
+    if not (folder / "adapter_config.json").is_file() or not (folder / "adapter_model.safetensors").is_file():
+        raise ValueError(f"init_adapter {folder}: needs adapter_config.json and adapter_model.safetensors "
+                         "(pickled weights are not loaded)")
+    config = json.loads((folder / "adapter_config.json").read_text())
+    if base_id is not None and config.get("base_model_name_or_path") != base_id:
+        raise ValueError(f"init_adapter {folder} was trained on {config.get('base_model_name_or_path')!r}, "
+                         f"this run's base is {base_id!r}")
+    wanted = {"r": model_args.lora_r, "target_modules": sorted(model_args.lora_target_modules or [])}
+    found = {"r": config.get("r"), "target_modules": sorted(config.get("target_modules") or [])}
+    if wanted != found:
+        raise ValueError(f"init_adapter {folder} has r {found['r']} on {found['target_modules']}, the recipe says "
+                         f"r {wanted['r']} on {wanted['target_modules']}: make them match")
 
 
 # --------------------------------------------------------------- trainer
@@ -236,106 +258,6 @@ def checkpoint_missing(folder: Path) -> str:
     return ", ".join(missing)
 
 
-# --------------------------------------------------------------- outputs
-
-def peak_memory_mb() -> float:
-    import resource
-
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def plot_losses(history: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    train = [(h["step"], h["loss"]) for h in history if "loss" in h]
-    evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    if train:
-        ax.plot(*zip(*train), label="train", lw=1)
-    if evals:
-        ax.plot(*zip(*evals), "o-", label="eval", lw=1.5)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (completion tokens)")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def _redacted_command(argv) -> str:
-    """The command as run, minus any token passed on the command line (it lands in a file)."""
-    from phisum.hub import scrub
-
-    words, hide = [], False
-    for arg in argv:
-        words.append("***" if hide else scrub(arg))
-        hide = arg in ("--hub_token", "--token")
-        if arg.startswith(("--hub_token=", "--token=")):
-            words[-1] = arg.split("=", 1)[0] + "=***"
-    return "python -m phisum train " + " ".join(shlex.quote(w) for w in words)
-
-
-def summarize_run(trainer, reports, argv, train, wall: float, fast: bool) -> dict:
-    import torch
-
-    history = trainer.state.log_history
-    meter = trainer.phisum_meter
-    world = trainer.accelerator.num_processes
-    trained = getattr(trainer, "trained_tokens", None)
-    tokens = trained * world if trained is not None else int(trainer._total_train_tokens)
-    losses = [h["loss"] for h in history if "loss" in h]
-    evals = [h["eval_loss"] for h in history if "eval_loss" in h]
-    return {
-        "command": _redacted_command(argv),
-        "data": [{"source": r.source, "split": r.split, "report": r.summary(), "sha256": r.sha256} for r in reports],
-        "train_examples": len(train),
-        "steps": trainer.state.global_step,
-        "epochs": round(trainer.state.epoch or 0, 3),
-        "processes": world,
-        "trainer": "completion-only CPU trainer" if fast else "trl SFTTrainer",
-        "trained_tokens": tokens,
-        "train_seconds": round(meter.train_seconds, 1),
-        "tokens_per_second": round(tokens / meter.train_seconds, 1) if meter.train_seconds else None,
-        "wall_seconds": round(wall, 1),
-        "final_train_loss": round(losses[-1], 4) if losses else None,
-        "final_eval_loss": round(evals[-1], 4) if evals else None,
-        "best_eval_loss": round(min(evals), 4) if evals else None,
-        "peak_memory_mb": round(peak_memory_mb()),
-        "torch_threads": torch.get_num_threads(),
-    }
-
-
-def write_training_notes(summary: dict, path: Path) -> None:
-    """A short human-readable TRAINING.md beside the adapter (the json has everything)."""
-    data = "\n".join(f"- {d['report']}; sha256 `{d['sha256'] or 'n/a (Hub)'}`" for d in summary["data"])
-    path.write_text(f"""# How this adapter was trained
-
-```
-{summary['command']}
-```
-
-Data:
-{data}
-
-| steps | epochs | examples | trained tokens | tokens/s | train s | wall s | final train loss | final eval loss | best eval loss | peak memory MB |
-|---|---|---|---|---|---|---|---|---|---|---|
-| {summary['steps']} | {summary['epochs']} | {summary['train_examples']} | {summary['trained_tokens']} | \
-{summary['tokens_per_second']} | {summary['train_seconds']} | {summary['wall_seconds']} | {summary['final_train_loss']} | \
-{summary['final_eval_loss']} | {summary['best_eval_loss']} | {summary['peak_memory_mb']} |
-
-Trainer: {summary['trainer']}, {summary['processes']} process(es), {summary['torch_threads']} torch threads.
-Loss curve: loss_curve.png (train and eval). Machine-readable: training_summary.json.
-""")
-
-
 def push_to_hub(adapter_dir: Path, repo_id: str | None, token: str | None, private: bool | None) -> None:
     if not repo_id:
         raise ValueError("--push_to_hub needs --hub_model_id user/name")
@@ -360,19 +282,23 @@ def train(pargs, training_args, model_args, argv: list[str]) -> dict | None:
         raise ValueError("--push_to_hub needs --hub_model_id user/name")
     adapter_dir = check_run(pargs, training_args)
     resume = resume_checkpoint(training_args)  # a missing or half-written checkpoint fails before the model loads
+    if pargs.init_adapter:
+        check_init_adapter(Path(pargs.init_adapter), model_args, None)  # its base is checked once that is known
     model, tokenizer, base_id = load_model(pargs, model_args, fast)
     train_rows, eval_rows, reports = load_examples(pargs, tokenizer.eos_token)
     for report in reports:
         print(f"[phisum] data: {report.summary()}", file=sys.stderr)
     if training_args.eval_strategy != "no" and not eval_rows:
         raise ValueError("eval_strategy is set but there is no eval data; set eval_split or eval_strategy: 'no'")
-    model = add_lora(model, model_args, base_id, training_args.activation_checkpointing)
+    model = add_lora(model, model_args, base_id, training_args.activation_checkpointing, pargs.init_adapter)
     trainer = build_trainer(model, tokenizer, train_rows, eval_rows, training_args, fast)
     report_truncation(trainer, train_rows, eval_rows, reports, training_args.max_length)
     trainer.train(resume_from_checkpoint=resume)
     if not trainer.is_world_process_zero():
         return None
     save_adapter(trainer, adapter_dir)
+    from phisum.training_report import plot_losses, summarize_run, write_training_notes
+
     summary = summarize_run(trainer, reports, argv, train_rows, time.perf_counter() - start, fast)
     summary["adapter_dir"] = str(adapter_dir)
     (adapter_dir / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -9,7 +9,7 @@ from phisum.train_config import parse_recipe
 RECIPES = sorted((Path(__file__).resolve().parent.parent / "phisum" / "recipes").rglob("*.yaml"))
 EXPECTED = {"dialogsum/phi2_lora_8bit.yaml", "dialogsum/phi2_lora_fp16.yaml", "oasst1/phi2_qlora.yaml",
             "xsum/phi2_qlora.yaml", "dialogsum/embedded_cpu.yaml", "oasst1/embedded_cpu.yaml",
-            "dialogsum/embedded_cpu_full.yaml"}
+            "dialogsum/embedded_cpu_full.yaml", "dialogsum/embedded_cpu_full_epoch2.yaml"}
 
 
 def test_all_issue_recipes_exist():

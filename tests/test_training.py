@@ -49,7 +49,7 @@ def train_in_process(recipe: Path):
     fast = training.choose_fast_path(pargs, sft, margs)
     model, tokenizer, base_id = training.load_model(pargs, margs, fast)
     rows, evaluation, _ = training.load_examples(pargs, tokenizer.eos_token)
-    model = training.add_lora(model, margs, base_id, sft.gradient_checkpointing)
+    model = training.add_lora(model, margs, base_id, sft.gradient_checkpointing, pargs.init_adapter)
     before = {n: p.detach().clone().float() for n, p in model.named_parameters()}
     trainer = training.build_trainer(model, tokenizer, rows, evaluation, sft, fast)
     trainer.train()
@@ -248,7 +248,7 @@ def test_accelerate_two_processes_one_adapter(tmp_path, data_dir):
 
 
 def test_recorded_command_never_keeps_a_hub_token():
-    from phisum.training import _redacted_command
+    from phisum.training_report import _redacted_command
 
     token = "hf_" + "a" * 34
     command = _redacted_command(["--config", "x.yaml", "--hub_token", token, f"--hub_token={token}"])
@@ -427,3 +427,44 @@ def test_tied_head_shares_one_bf16_embedding_and_keeps_the_loss(tmp_path, data_d
         grads.append(torch.cat([g.flatten() for g in step_grads.values()]))
     assert losses[0] == pytest.approx(losses[1], rel=2e-2)  # bf16 rounding of the embedding, no more
     assert torch.nn.functional.cosine_similarity(grads[0], grads[1], dim=0) > 0.99
+
+
+def test_init_adapter_trains_on_from_an_adapter(tmp_path, data_dir):
+    """init_adapter: the run starts from that adapter's weights (not a fresh LoRA) and trains them."""
+    from safetensors.torch import load_file
+
+    from tests.conftest import make_tiny_adapter
+
+    start = make_tiny_adapter(tmp_path / "start", trained=True, seed=3)
+    initial = load_file(start / "adapter_model.safetensors")
+    start_bytes = (start / "adapter_model.safetensors").read_bytes()
+    recipe = write_recipe(tmp_path, data_dir, init_adapter=str(start), bf16=False)
+    pargs, sft, margs = parse_recipe(["--config", str(recipe)])
+    model, _, base_id = training.load_model(pargs, margs, True)
+    model = training.add_lora(model, margs, base_id, False, pargs.init_adapter)
+    loaded = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    assert len(loaded) == len(initial) and all(p.requires_grad for p in loaded.values())
+    assert all(torch.equal(loaded[n.replace(".weight", ".default.weight")], w) for n, w in initial.items())
+
+    trainer, model, before = train_in_process(recipe)
+    assert all(torch.equal(before[n.replace(".weight", ".default.weight")], w) for n, w in initial.items())
+    assert_adapter_changed_base_not(model, before)
+    assert (start / "adapter_model.safetensors").read_bytes() == start_bytes  # the adapter trained on is left as it was
+
+
+@pytest.mark.parametrize("problem, message", [
+    ("missing", "needs adapter_config.json and adapter_model.safetensors"),
+    ("rank", "has r 8 on"),
+])
+def test_init_adapter_is_refused_before_the_model_loads(tmp_path, data_dir, problem, message):
+    from tests.conftest import make_tiny_adapter
+
+    folder = tmp_path / "start"
+    if problem == "missing":
+        folder.mkdir()
+    else:
+        make_tiny_adapter(folder, trained=True)
+    recipe = write_recipe(tmp_path, data_dir, init_adapter=str(folder), lora_r=4 if problem == "rank" else 8)
+    pargs, sft, margs = parse_recipe(["--config", str(recipe)])
+    with pytest.raises(ValueError, match=message):
+        training.train(pargs, sft, margs, [])
