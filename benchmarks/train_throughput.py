@@ -23,6 +23,7 @@ Variants:
   phisum-fixed  trimmed every 8 steps, not on RSS growth (the default until 2026-11-27)
   NAME@TOKENS   a per-group variant with groups of at most TOKENS padded tokens (phisum@1536)
   NAME/N        a per-group variant trimmed every N steps (phisum/2; phisum@1536/4)
+  NAME+jemalloc NAME with jemalloc as the process's allocator (LD_PRELOAD; Debian's libjemalloc2)
 
 Usage:
   python benchmarks/train_throughput.py --rows recipe --data ../shared/data/dialogsum-full --steps 16 \
@@ -67,16 +68,33 @@ def variant(name: str) -> tuple:
     trimmed every N steps (both may be given: phisum@1536/4)."""
     import re
 
-    match = re.fullmatch(r"([\w-]+)(?:@(\d+))?(?:/(\d+))?", name)
+    match = re.fullmatch(r"([\w-]+)(?:@(\d+))?(?:/(\d+))?(\+jemalloc)?", name)
     if not match or match.group(1) not in VARIANTS:
         raise KeyError(name)
-    base, tokens, every = match.groups()
+    base, tokens, every, jemalloc = match.groups()
     label, fast, kwargs, attention = VARIANTS[base]
     if tokens:
         label, kwargs = f"{label}, groups <= {tokens}", {**kwargs, "max_group_tokens": int(tokens)}
     if every:
         label, kwargs = f"{label}, trim every {every}", {**kwargs, "release_every": int(every)}
+    if jemalloc:
+        label = f"{label}, jemalloc"
     return label, fast, kwargs, attention
+
+
+def variant_environment(name: str) -> dict:
+    """Environment for the variant's process: jemalloc preloaded for NAME+jemalloc."""
+    if not name.endswith("+jemalloc"):
+        return {}
+    import ctypes.util
+    import os
+
+    library = ctypes.util.find_library("jemalloc")
+    if library is None:
+        raise SystemExit(f"{name}: jemalloc not found; install it (apt-get install libjemalloc2)")
+    path = next((str(p) for d in ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib", "/usr/local/lib")
+                 if (p := Path(d) / library).exists()), library)
+    return {"LD_PRELOAD": " ".join(filter(None, [os.environ.get("LD_PRELOAD"), path]))}
 
 
 def known_variant(name: str) -> bool:
@@ -214,6 +232,7 @@ def main() -> int:
     if args.one:
         print(RESULT_TAG + json.dumps(run_variant(args.one, args)))
         return 0
+    import os
     import subprocess
     import tempfile
 
@@ -230,7 +249,8 @@ def main() -> int:
                     command += ["--threads", str(args.threads)]
                 if args.max_group_tokens:
                     command += ["--max-group-tokens", str(args.max_group_tokens)]
-                proc = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+                proc = subprocess.run(command, capture_output=True, text=True, cwd=ROOT,
+                                      env={**os.environ, **variant_environment(name)})
                 line = next((x for x in proc.stdout.splitlines() if x.startswith(RESULT_TAG)), None)
                 if line is None:
                     print(f"variant {name} failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}", file=sys.stderr)

@@ -103,3 +103,19 @@ def test_head_loss_benchmark_same_loss_and_gradient():
     out = run_benchmark("head_loss.py", "--profile", "tiny", "--tokens", "16,64", "--iterations", "1")
     rows = [line for line in out.splitlines() if " tokens: " in line]
     assert len(rows) == 2 and all("same loss and gradient: True" in r for r in rows), out
+
+
+def test_train_throughput_variant_names():
+    """NAME@TOKENS/N+jemalloc: group size, trim interval and allocator, and nothing else, change."""
+    import ctypes.util
+
+    from benchmarks import train_throughput as bench
+
+    label, fast, kwargs, attention = bench.variant("phisum@1536/4+jemalloc")
+    assert fast and attention == "eager" and kwargs == {"max_group_tokens": 1536, "release_every": 4}
+    assert label.endswith("groups <= 1536, trim every 4, jemalloc")
+    assert bench.variant("phisum-fixed")[2] == {"release_above": None}
+    assert not bench.known_variant("phisum+tcmalloc") and not bench.known_variant("nothing")
+    assert bench.variant_environment("phisum/2") == {}
+    if ctypes.util.find_library("jemalloc"):
+        assert "jemalloc" in bench.variant_environment("phisum+jemalloc")["LD_PRELOAD"]
