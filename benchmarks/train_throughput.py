@@ -89,12 +89,10 @@ def variant_environment(name: str) -> dict:
     import ctypes.util
     import os
 
-    library = ctypes.util.find_library("jemalloc")
+    library = ctypes.util.find_library("jemalloc")  # a soname: the dynamic loader finds it
     if library is None:
         raise SystemExit(f"{name}: jemalloc not found; install it (apt-get install libjemalloc2)")
-    path = next((str(p) for d in ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib", "/usr/local/lib")
-                 if (p := Path(d) / library).exists()), library)
-    return {"LD_PRELOAD": " ".join(filter(None, [os.environ.get("LD_PRELOAD"), path]))}
+    return {"LD_PRELOAD": " ".join(filter(None, [os.environ.get("LD_PRELOAD"), library]))}
 
 
 def known_variant(name: str) -> bool:
