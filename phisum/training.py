@@ -310,6 +310,18 @@ def train(pargs, training_args, model_args, argv: list[str]) -> dict | None:
     return summary
 
 
+def end_process_group() -> None:
+    """Destroy torch.distributed's process group (accelerate/torchrun ranks) before the interpreter exits.
+
+    Left to interpreter shutdown, gloo's worker threads can still hold tensors whose release needs the
+    GIL, and the rank dies with SIGABRT ("terminate called without an active exception") after a run
+    that succeeded (pytorch/pytorch#179291).
+    """
+    dist = sys.modules.get("torch.distributed")  # never imported torch (--help, bad recipe): nothing to end
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") and len(argv) == 1:
@@ -336,4 +348,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return exc.exit_code
         raise
+    finally:
+        end_process_group()
     return 0

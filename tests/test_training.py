@@ -226,6 +226,22 @@ def test_cli_bad_recipe_key_exits_with_message(tmp_path, data_dir):
     assert result.returncode == 2 and "lora_rank" in result.stderr
 
 
+def test_process_group_is_destroyed_before_exit(tmp_path):
+    # A gloo group left to interpreter shutdown can abort a rank that trained fine (the CI failure of
+    # 2026-11-27): main() ends the group itself, on success and on error alike.
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    assert dist.is_initialized()
+    training.end_process_group()
+    assert not dist.is_initialized()
+    training.end_process_group()  # nothing initialised: a no-op
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store2'}", rank=0, world_size=1)
+    assert training.main(["--config", str(tmp_path / "missing.yaml")]) == 2
+    assert not dist.is_initialized()
+
+
 @pytest.mark.slow
 def test_accelerate_two_processes_one_adapter(tmp_path, data_dir):
     recipe = write_recipe(tmp_path, data_dir, adapter_dir=str(tmp_path / "ad"), max_steps=2)
