@@ -23,7 +23,11 @@ Variants:
   phisum-fixed  trimmed every 8 steps, not on RSS growth (the default until 2026-11-27)
   NAME@TOKENS   a per-group variant with groups of at most TOKENS padded tokens (phisum@1536)
   NAME/N        a per-group variant trimmed every N steps (phisum/2; phisum@1536/4)
-  NAME+jemalloc NAME with jemalloc as the process's allocator (LD_PRELOAD; Debian's libjemalloc2)
+  NAME+jemalloc NAME with jemalloc as the process's allocator (LD_PRELOAD; Debian's libjemalloc2),
+                as `phisum train` runs it; NAME+jemalloc[oversize_threshold:0;dirty_decay_ms:-1] with
+                that MALLOC_CONF (';' for its ',')
+  NAME+thp      NAME with torch's CPU tensors on transparent huge pages (THP_MEM_ALLOC_ENABLE=1):
+                a freed and re-faulted gigabyte costs 512 faults instead of 262,144
 
 Usage:
   python benchmarks/train_throughput.py --rows recipe --data ../shared/data/dialogsum-full --steps 16 \
@@ -65,34 +69,48 @@ VARIANTS = {  # name -> (label, fast trainer, trainer kwargs, attention)
 
 def variant(name: str) -> tuple:
     """VARIANTS[name]; "NAME@TOKENS" is NAME with groups of at most TOKENS padded tokens, "NAME/N" NAME
-    trimmed every N steps (both may be given: phisum@1536/4)."""
+    trimmed every N steps (both may be given: phisum@1536/4); "+jemalloc[CONF]" and "+thp" change the
+    process's allocator and pages (variant_environment)."""
     import re
 
-    match = re.fullmatch(r"([\w-]+)(?:@(\d+))?(?:/(\d+))?(\+jemalloc)?", name)
+    match = re.fullmatch(r"([\w-]+)(?:@(\d+))?(?:/(\d+))?(\+jemalloc(?:\[[\w:;.-]+\])?)?(\+thp)?", name)
     if not match or match.group(1) not in VARIANTS:
         raise KeyError(name)
-    base, tokens, every, jemalloc = match.groups()
+    base, tokens, every, jemalloc, thp = match.groups()
     label, fast, kwargs, attention = VARIANTS[base]
     if tokens:
         label, kwargs = f"{label}, groups <= {tokens}", {**kwargs, "max_group_tokens": int(tokens)}
     if every:
         label, kwargs = f"{label}, trim every {every}", {**kwargs, "release_every": int(every)}
     if jemalloc:
-        label = f"{label}, jemalloc"
+        label = f"{label}, jemalloc" + (f" {jemalloc_conf(jemalloc)}" if "[" in jemalloc else "")
+    if thp:
+        label = f"{label}, huge pages"
     return label, fast, kwargs, attention
 
 
-def variant_environment(name: str) -> dict:
-    """Environment for the variant's process: jemalloc preloaded for NAME+jemalloc."""
-    if not name.endswith("+jemalloc"):
-        return {}
-    import ctypes.util
-    import os
+def jemalloc_conf(suffix: str) -> str | None:
+    """The MALLOC_CONF of "+jemalloc[KEY:VALUE;...]" (';' for MALLOC_CONF's ','), else None."""
+    return suffix[suffix.index("[") + 1:suffix.index("]")].replace(";", ",") if "[" in suffix else None
 
-    library = ctypes.util.find_library("jemalloc")  # a soname: the dynamic loader finds it
-    if library is None:
+
+def variant_environment(name: str) -> dict:
+    """Environment for the variant's process: jemalloc preloaded for +jemalloc, as `phisum train` runs
+    (phisum.allocator), with the variant's MALLOC_CONF when it names one; +thp asks torch's CPU
+    allocator for transparent huge pages (THP_MEM_ALLOC_ENABLE, read when torch loads)."""
+    variant(name)
+    env = {"THP_MEM_ALLOC_ENABLE": "1"} if name.endswith("+thp") else {}
+    if "+jemalloc" not in name:
+        return env
+    from phisum.allocator import jemalloc_environment
+
+    preloaded = jemalloc_environment()
+    if preloaded is None:
         raise SystemExit(f"{name}: jemalloc not found; install it (apt-get install libjemalloc2)")
-    return {"LD_PRELOAD": " ".join(filter(None, [os.environ.get("LD_PRELOAD"), library]))}
+    env.update(preloaded)
+    if jemalloc_conf(name):
+        env["MALLOC_CONF"] = jemalloc_conf(name)
+    return env
 
 
 def known_variant(name: str) -> bool:

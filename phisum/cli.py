@@ -183,12 +183,20 @@ def main(argv: list[str] | None = None) -> int:
     from phisum.startup import quiet_library_notices
 
     quiet_library_notices()
-    argv = list(sys.argv[1:] if argv is None else argv)
+    command_line, argv = argv is None, list(sys.argv[1:] if argv is None else argv)
     for i, tok in enumerate(argv):
         if tok in DELEGATED:
             # Global options given before the command (--profile tiny train ...) are passed on,
             # not dropped; the command's own parser rejects any it does not know.
-            return importlib.import_module(DELEGATED[tok]).main(argv[i + 1:] + argv[:i])
+            module, rest = importlib.import_module(DELEGATED[tok]), argv[i + 1:] + argv[:i]
+            # Process-wide setup (the allocator) only for a real command line, never for a caller
+            # in the same process (tests, notebooks), whose process it would replace.
+            if command_line and hasattr(module, "prepare_process"):
+                error = module.prepare_process(rest)
+                if error:
+                    print(f"error: {error}", file=sys.stderr)
+                    return 2
+            return module.main(rest)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="[%(name)s] %(message)s")

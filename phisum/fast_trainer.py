@@ -50,7 +50,12 @@ def release_freed_memory() -> bool:
     Each step's groups have different shapes; glibc reuses freed blocks where they fit and
     otherwise grows its heap, so over a long run the holes add up and RSS climbs by gigabytes
     with the step count. A trim brings RSS back to the live working set; the price is that
-    the next step faults its pages in again (benchmarks/train_throughput.py: faults/step)."""
+    the next step faults its pages in again (benchmarks/train_throughput.py: faults/step).
+    Under jemalloc (phisum.allocator) its arenas are purged instead."""
+    from phisum.allocator import active, purge_jemalloc
+
+    if active() == "jemalloc":
+        return purge_jemalloc()
     trim = _malloc_trim()
     return bool(trim and trim(0))
 

@@ -284,6 +284,9 @@ def train(pargs, training_args, model_args, argv: list[str]) -> dict | None:
     resume = resume_checkpoint(training_args)  # a missing or half-written checkpoint fails before the model loads
     if pargs.init_adapter:
         check_init_adapter(Path(pargs.init_adapter), model_args, None)  # its base is checked once that is known
+    from phisum import allocator
+
+    print(f"[phisum] memory allocator: {allocator.active()} ({allocator.ENV}=jemalloc|system)", file=sys.stderr)
     model, tokenizer, base_id = load_model(pargs, model_args, fast)
     train_rows, eval_rows, reports = load_examples(pargs, tokenizer.eos_token)
     for report in reports:
@@ -308,6 +311,20 @@ def train(pargs, training_args, model_args, argv: list[str]) -> dict | None:
     if push:
         push_to_hub(adapter_dir, training_args.hub_model_id, training_args.hub_token, training_args.hub_private_repo)
     return summary
+
+
+def prepare_process(argv: list[str]) -> str | None:
+    """Run the command line under jemalloc when the system has it (phisum.allocator); an error
+    message for a bad PHISUM_MALLOC. Help needs no allocator."""
+    if not argv or {"-h", "--help"} & set(argv):
+        return None
+    from phisum import allocator
+
+    try:
+        allocator.relaunch_under_jemalloc()
+    except ValueError as exc:
+        return str(exc)
+    return None
 
 
 def end_process_group() -> None:

@@ -55,6 +55,8 @@ def _redacted_command(argv) -> str:
 def summarize_run(trainer, reports, argv, train, wall: float, fast: bool) -> dict:
     import torch
 
+    from phisum import allocator
+
     history = trainer.state.log_history
     meter = trainer.phisum_meter
     world = trainer.accelerator.num_processes
@@ -70,6 +72,7 @@ def summarize_run(trainer, reports, argv, train, wall: float, fast: bool) -> dic
         "epochs": round(trainer.state.epoch or 0, 3),
         "processes": world,
         "trainer": "completion-only CPU trainer" if fast else "trl SFTTrainer",
+        "allocator": allocator.active(),
         "trained_tokens": tokens,
         "train_seconds": round(meter.train_seconds, 1),
         "tokens_per_second": round(tokens / meter.train_seconds, 1) if meter.train_seconds else None,

@@ -117,5 +117,10 @@ def test_train_throughput_variant_names():
     assert bench.variant("phisum-fixed")[2] == {"release_above": None}
     assert not bench.known_variant("phisum+tcmalloc") and not bench.known_variant("nothing")
     assert bench.variant_environment("phisum/2") == {}
+    assert not bench.known_variant("phisum+jemalloc[a,b]")  # ',' separates variants
+    assert bench.variant("phisum+jemalloc[oversize_threshold:0;dirty_decay_ms:-1]")[0].endswith(
+        "jemalloc oversize_threshold:0,dirty_decay_ms:-1")
     if ctypes.util.find_library("jemalloc"):
         assert "jemalloc" in bench.variant_environment("phisum+jemalloc")["LD_PRELOAD"]
+        env = bench.variant_environment("phisum+jemalloc[narenas:1;tcache:false]")
+        assert env["MALLOC_CONF"] == "narenas:1,tcache:false" and "jemalloc" in env["LD_PRELOAD"]
