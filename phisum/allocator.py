@@ -1,4 +1,5 @@
-"""The training process's memory allocator: jemalloc where the system has it, glibc's otherwise.
+"""The training process's memory: its allocator (jemalloc where the system has it, glibc's otherwise),
+giving freed memory back, and the resident set size the trainer watches.
 
 A CPU training step allocates and frees gigabytes in shapes that change with every length group.
 glibc either hands large blocks back to the kernel at once (every step faults the same pages in
@@ -62,7 +63,7 @@ def active() -> str:
     return "jemalloc" if _mallctl() is not None else "system"
 
 
-def purge_jemalloc() -> bool:
+def _purge_jemalloc() -> bool:
     """Return every arena's unused pages to the kernel (jemalloc's counterpart of malloc_trim)."""
     mallctl = _mallctl()
     if mallctl is None:
@@ -83,3 +84,56 @@ def relaunch_under_jemalloc() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+
+
+@functools.cache
+def _malloc_trim():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # musl and others
+        return None
+
+
+def release_freed_memory() -> bool:
+    """Give memory freed so far back to the kernel (glibc's malloc_trim).
+
+    Each step's groups have different shapes; glibc reuses freed blocks where they fit and
+    otherwise grows its heap, so over a long run the holes add up and RSS climbs by gigabytes
+    with the step count. A trim brings RSS back to the live working set; the price is that
+    the next step faults its pages in again (benchmarks/train_throughput.py: faults/step).
+    Under jemalloc its arenas are purged instead."""
+    if active() == "jemalloc":
+        return _purge_jemalloc()
+    trim = _malloc_trim()
+    return bool(trim and trim(0))
+
+
+def resident_bytes() -> int | None:
+    """This process's resident set size (Linux /proc); None where it cannot be read."""
+    try:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def keep_freed_memory(limit: int = 1 << 30) -> bool:
+    """Ask glibc to keep freed blocks up to `limit` for reuse instead of unmapping them.
+
+    By default glibc serves every block above its mmap threshold (at most 32 MB) with a fresh
+    mapping and unmaps it on free, so each training step faults in the same gigabytes of
+    pages again and the kernel zeroes them (benchmarks/train_throughput.py: faults/step). Kept
+    blocks are reused; what they cost in fragmentation the trainer takes back with a trim
+    every `release_every` steps. Process-wide; False off glibc and under jemalloc."""
+    if not sys.platform.startswith("linux") or active() == "jemalloc":
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # musl and others: nothing to tune
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    # glibc < 2.35 caps the mmap threshold at 32 MB on 64-bit: fall back to the cap.
+    ok = bool(mallopt(m_mmap_threshold, limit) or mallopt(m_mmap_threshold, 32 << 20))
+    return bool(mallopt(m_trim_threshold, 2**31 - 1)) and ok

@@ -19,10 +19,6 @@ halves their memory. Trainable (LoRA) weights stay fp32.
 
 from __future__ import annotations
 
-import ctypes
-import functools
-import os
-import sys
 import time
 from contextlib import nullcontext
 
@@ -31,62 +27,8 @@ import torch.nn.functional as F
 from transformers import TrainerCallback
 from trl import SFTTrainer
 
+from phisum.allocator import keep_freed_memory, release_freed_memory, resident_bytes
 from phisum.head_loss import chunked_head_loss, final_logit_softcap, logits_are_head_output
-
-
-@functools.cache
-def _malloc_trim():
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # musl and others
-        return None
-
-
-def release_freed_memory() -> bool:
-    """Give memory freed so far back to the kernel (glibc's malloc_trim).
-
-    Each step's groups have different shapes; glibc reuses freed blocks where they fit and
-    otherwise grows its heap, so over a long run the holes add up and RSS climbs by gigabytes
-    with the step count. A trim brings RSS back to the live working set; the price is that
-    the next step faults its pages in again (benchmarks/train_throughput.py: faults/step).
-    Under jemalloc (phisum.allocator) its arenas are purged instead."""
-    from phisum.allocator import active, purge_jemalloc
-
-    if active() == "jemalloc":
-        return purge_jemalloc()
-    trim = _malloc_trim()
-    return bool(trim and trim(0))
-
-
-def resident_bytes() -> int | None:
-    """This process's resident set size (Linux /proc); None where it cannot be read."""
-    try:
-        with open("/proc/self/statm") as handle:
-            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def keep_freed_memory(limit: int = 1 << 30) -> bool:
-    """Ask glibc to keep freed blocks up to `limit` for reuse instead of unmapping them.
-
-    By default glibc serves every block above its mmap threshold (at most 32 MB) with a fresh
-    mapping and unmaps it on free, so each training step faults in the same gigabytes of
-    pages again and the kernel zeroes them (benchmarks/train_throughput.py: faults/step). Kept
-    blocks are reused; what they cost in fragmentation the trainer takes back with a trim
-    every `release_every` steps. Process-wide; False off glibc."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):  # musl and others: nothing to tune
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    # glibc < 2.35 caps the mmap threshold at 32 MB on 64-bit: fall back to the cap.
-    ok = bool(mallopt(m_mmap_threshold, limit) or mallopt(m_mmap_threshold, 32 << 20))
-    return bool(mallopt(m_trim_threshold, 2**31 - 1)) and ok
 
 
 def output_head(model):
