@@ -63,7 +63,7 @@ def load_base(profile: Profile, dtype: torch.dtype | str | None = None, bits: in
         raise ValueError(f"the {profile.name} profile cannot load quantized; save it (models.save_tiny) and "
                          "load the folder with from_pretrained")
     if profile.loader == "tiny":
-        model, tokenizer = build_tiny_model().to(dtype), build_tiny_tokenizer()
+        model, tokenizer = build_tiny_model().to(device=device, dtype=dtype), build_tiny_tokenizer()
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -35,6 +35,9 @@ class PhisumArguments:
         init_adapter: start from this peft adapter's weights instead of a fresh LoRA (another
             epoch, more data); its rank and targets must be the recipe's.
         fast_cpu: completion-only-logits trainer; None = automatically on CPU.
+        cpu_group_tokens: the fast CPU trainer runs one forward+backward per length group of at
+            most this many padded tokens, so only one group's activations are alive at a time
+            (0: one backward per batch, every group's graph alive).
     """
 
     profile: str | None = field(default=None, metadata={"help": f"{', '.join(PROFILES)}, or none to use "
@@ -52,6 +55,8 @@ class PhisumArguments:
     init_adapter: str | None = field(default=None, metadata={"help": "train on from this adapter's weights "
                                                                      "(same rank and targets), not a fresh LoRA"})
     fast_cpu: bool | None = field(default=None, metadata={"help": "fast CPU trainer (default: on when no CUDA)"})
+    cpu_group_tokens: int = field(default=768, metadata={"help": "fast CPU trainer: padded tokens per "
+                                                                 "forward+backward group (0: one per batch)"})
 
     def __post_init__(self):
         if self.task not in TASKS:
@@ -64,6 +69,8 @@ class PhisumArguments:
             self.eval_split = None
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.cpu_group_tokens < 0:
+            raise ValueError(f"cpu_group_tokens must be 0 or more, got {self.cpu_group_tokens}")
 
 
 def build_parser():

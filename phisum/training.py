@@ -62,9 +62,20 @@ def load_examples(pargs, eos_token: str):
 
 # ----------------------------------------------------------------- model
 
+def kbit_device_map(on_cpu: bool):
+    """bitsandbytes places the weights at load time: the whole model on this process's own GPU (one
+    per rank under accelerate or torchrun), or the CPU."""
+    import torch
+
+    if on_cpu or not torch.cuda.is_available():
+        return "cpu"
+    from accelerate import PartialState
+
+    return {"": PartialState().local_process_index}
+
+
 def load_model(pargs, model_args, fast: bool):
     """(model, tokenizer, base_id): the base in fp32 unless the recipe says otherwise."""
-    import torch
     import trl
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -95,7 +106,7 @@ def load_model(pargs, model_args, fast: bool):
         kwargs["attn_implementation"] = model_args.attn_implementation
     if quant is not None:
         kwargs["quantization_config"] = quant
-        kwargs["device_map"] = trl.get_kbit_device_map() if torch.cuda.is_available() else "cpu"
+        kwargs["device_map"] = kbit_device_map(on_cpu=fast)
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(path, revision=model_args.model_revision)
     prepare_tokenizer(tokenizer)
@@ -168,19 +179,20 @@ def check_init_adapter(folder: Path, model_args, base_id: str | None) -> None:
 
 # --------------------------------------------------------------- trainer
 
-def build_trainer(model, tokenizer, train, evaluation, training_args, fast: bool):
+def build_trainer(model, tokenizer, train, evaluation, training_args, fast: bool, group_tokens: int = 768):
     from datasets import Dataset
 
     from phisum.fast_trainer import CompletionOnlySFTTrainer, ThroughputCallback
 
     every = max(int(training_args.logging_steps or 10), 1)
     meter = ThroughputCallback(every=every, log=lambda line: print(f"[phisum] {line}", file=sys.stderr, flush=True))
-    cls = CompletionOnlySFTTrainer
+    cls, extra = CompletionOnlySFTTrainer, {"max_group_tokens": group_tokens or None}
     if not fast:
         from trl import SFTTrainer as cls  # noqa: N813
+        extra = {}
     trainer = cls(model=model, args=training_args, train_dataset=Dataset.from_list(train),
                   eval_dataset=Dataset.from_list(evaluation) if evaluation else None,
-                  processing_class=tokenizer, callbacks=[meter])
+                  processing_class=tokenizer, callbacks=[meter], **extra)
     trainer.phisum_meter = meter
     return trainer
 
@@ -200,7 +212,8 @@ def report_truncation(trainer, train_rows, eval_rows, reports, max_length) -> No
 def choose_fast_path(pargs, training_args, model_args=None) -> bool:
     import torch
 
-    fast = pargs.fast_cpu if pargs.fast_cpu is not None else not torch.cuda.is_available()
+    on_cpu = training_args.use_cpu or not torch.cuda.is_available()
+    fast = pargs.fast_cpu if pargs.fast_cpu is not None else on_cpu
     if fast:
         if training_args.activation_checkpointing:
             log.info("fast CPU path: activation checkpointing off (per-group backward bounds memory instead "
@@ -294,7 +307,7 @@ def train(pargs, training_args, model_args, argv: list[str]) -> dict | None:
     if training_args.eval_strategy != "no" and not eval_rows:
         raise ValueError("eval_strategy is set but there is no eval data; set eval_split or eval_strategy: 'no'")
     model = add_lora(model, model_args, base_id, training_args.activation_checkpointing, pargs.init_adapter)
-    trainer = build_trainer(model, tokenizer, train_rows, eval_rows, training_args, fast)
+    trainer = build_trainer(model, tokenizer, train_rows, eval_rows, training_args, fast, pargs.cpu_group_tokens)
     report_truncation(trainer, train_rows, eval_rows, reports, training_args.max_length)
     trainer.train(resume_from_checkpoint=resume)
     if not trainer.is_world_process_zero():

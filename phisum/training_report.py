@@ -72,6 +72,7 @@ def summarize_run(trainer, reports, argv, train, wall: float, fast: bool) -> dic
         "epochs": round(trainer.state.epoch or 0, 3),
         "processes": world,
         "trainer": "completion-only CPU trainer" if fast else "trl SFTTrainer",
+        "device": trainer.args.device.type,
         "allocator": allocator.active(),
         "trained_tokens": tokens,
         "train_seconds": round(meter.train_seconds, 1),

@@ -36,7 +36,9 @@ def write_recipe(tmp_path, data_dir, **overrides) -> Path:
               "lora_target_modules": ["q_proj", "k_proj", "v_proj", "dense"], "task": "dialogsum",
               "dataset_source": str(data_dir), "output_dir": str(tmp_path / "run"), "max_length": 256,
               "max_steps": 2, "per_device_train_batch_size": 2, "learning_rate": 1e-2, "logging_steps": 1,
-              "save_strategy": "no", "report_to": "none", "disable_tqdm": True, "seed": 0}
+              "save_strategy": "no", "report_to": "none", "disable_tqdm": True, "seed": 0,
+              # the CPU trainer on the CPU, also on a GPU machine (tests/test_gpu.py has the GPU paths)
+              "use_cpu": True}
     recipe.update(overrides)
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
@@ -51,7 +53,7 @@ def train_in_process(recipe: Path):
     rows, evaluation, _ = training.load_examples(pargs, tokenizer.eos_token)
     model = training.add_lora(model, margs, base_id, sft.gradient_checkpointing, pargs.init_adapter)
     before = {n: p.detach().clone().float() for n, p in model.named_parameters()}
-    trainer = training.build_trainer(model, tokenizer, rows, evaluation, sft, fast)
+    trainer = training.build_trainer(model, tokenizer, rows, evaluation, sft, fast, pargs.cpu_group_tokens)
     trainer.train()
     return trainer, model, before
 
@@ -74,7 +76,7 @@ def assert_adapter_changed_base_not(model, before):
     for name, param in model.named_parameters():
         # The fast trainer stores frozen Linear weights in bf16 (what autocast computes with
         # anyway), so a base weight is unchanged when it equals its own bf16 rounding.
-        same = torch.equal(before[name].to(param.dtype).float(), param.detach().float())
+        same = torch.equal(before[name].to(param.dtype).float().cpu(), param.detach().float().cpu())
         if "lora_" in name:
             changed += not same
         else:
@@ -108,12 +110,31 @@ def test_fast_path_settings(tmp_path, data_dir):
     assert margs.attn_implementation == "sdpa"  # a recipe's explicit choice stands
 
 
+@pytest.mark.parametrize("tokens, expected", [(None, 768), (1536, 1536), (0, None)])
+def test_recipe_sets_the_cpu_trainers_group_size(tmp_path, data_dir, tokens, expected):
+    """cpu_group_tokens reaches the trainer; 0 is one backward per batch."""
+    overrides = {} if tokens is None else {"cpu_group_tokens": tokens}
+    pargs, sft, margs = parse_recipe(["--config", str(write_recipe(tmp_path, data_dir, **overrides))])
+    fast = training.choose_fast_path(pargs, sft, margs)
+    model, tokenizer, base_id = training.load_model(pargs, margs, fast)
+    rows, _, _ = training.load_examples(pargs, tokenizer.eos_token)
+    model = training.add_lora(model, margs, base_id, False)
+    trainer = training.build_trainer(model, tokenizer, rows, None, sft, fast, pargs.cpu_group_tokens)
+    assert trainer.max_group_tokens == expected
+
+
+def test_negative_group_size_is_refused(tmp_path, data_dir):
+    with pytest.raises(ValueError, match="cpu_group_tokens must be 0 or more"):
+        parse_recipe(["--config", str(write_recipe(tmp_path, data_dir, cpu_group_tokens=-1))])
+
+
 def test_qlora_4bit_trl_trainer(tmp_path, data_dir):
     from phisum.models import save_tiny
 
     tiny = save_tiny(tmp_path / "tiny")
     recipe = write_recipe(tmp_path, data_dir, profile="none", model_name_or_path=str(tiny), load_in_4bit=True,
-                          bnb_4bit_quant_type="nf4", dtype="bfloat16", fast_cpu=False)
+                          bnb_4bit_quant_type="nf4", dtype="bfloat16", fast_cpu=False,
+                          use_cpu=not torch.cuda.is_available())  # trl's path runs where it runs: the GPU
     trainer, model, before = train_in_process(recipe)
     assert type(trainer).__name__ == "SFTTrainer"
     assert type(model.base_model.model.model.layers[0].self_attn.q_proj.base_layer).__name__ == "Linear4bit"
@@ -196,7 +217,8 @@ def test_push_to_hub_needs_repo_id(tmp_path, data_dir):
 
 
 def run_cli(args, tmp_path, timeout=120):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "PYTHONPATH": path, "HF_HUB_OFFLINE": "1"}
     return subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
 
 
