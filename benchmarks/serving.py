@@ -12,7 +12,11 @@ backend contract and the real app:
   rss           process RSS after all of that (base + adapters + one app)
 Variants:
   transformers-serial   today's transformers backend, the app running one event at a time
-  transformers          the same backend, events run at once and micro-batched (the default)
+  transformers          the same backend, events run at once and micro-batched (the default: 16
+                        rows per batch; while several users are active a batch waits up to
+                        0.5 s for as many rows as the last one had)
+  transformers-nowait   micro-batched as before 2026-11-27: 8 rows per batch, no wait (in closed
+                        loop the first click after a batch then runs alone)
   llamacpp              llama.cpp in process, --slots slots, --threads threads
   llamacpp-passive      the same with OMP_WAIT_POLICY=PASSIVE (threads sleep instead of spinning
                         between operations: slower on an idle machine, far steadier on a shared one)
@@ -39,9 +43,11 @@ sys.path.insert(0, str(ROOT))
 VARIANTS = {  # name -> (backend, app concurrency or None for the backend's, environment)
     "transformers-serial": ("transformers", 1, {}),
     "transformers": ("transformers", None, {}),
+    "transformers-nowait": ("transformers", None, {}),
     "llamacpp": ("llamacpp", None, {}),
     "llamacpp-passive": ("llamacpp", None, {"OMP_WAIT_POLICY": "PASSIVE"}),
 }
+BATCHING = {"transformers-nowait": {"batch_size": 8, "max_wait": 0.0}}  # the micro-batcher's settings
 
 
 def load(name: str, args):
@@ -57,7 +63,12 @@ def load(name: str, args):
         from benchmarks._util import make_standin_adapters
 
         adapters = make_standin_adapters(profile, Path(tempfile.mkdtemp(prefix="phisum-standin-")))
-    return load_backend(profile, kind, adapters, threads=args.threads, n_parallel=args.slots, progress=False)
+    batching = BATCHING.get(name, {})
+    backend = load_backend(profile, kind, adapters, threads=args.threads, n_parallel=args.slots, progress=False,
+                           batch_size=batching.get("batch_size"))
+    if "max_wait" in batching:
+        backend._batcher.max_wait = batching["max_wait"]
+    return backend
 
 
 def run_variant(name: str, args) -> dict:

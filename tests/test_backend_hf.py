@@ -69,6 +69,42 @@ def test_concurrent_calls_share_batches_and_give_the_same_outputs(tiny_backend):
     assert len(calls) < 8 and max(calls) > 2, calls
 
 
+def test_calls_a_few_milliseconds_apart_share_one_batch():
+    """Users whose answers came back together click again milliseconds apart: the batch waits up to
+    max_wait for them instead of running the first click alone; a lone caller never waits."""
+    from phisum.backends.hf import MicroBatcher
+
+    def staggered(max_wait, callers=4, returning=8):
+        calls = []
+
+        def run_rows(rows, settings, stops):
+            calls.append(len(rows))
+            return [f"{p}!" for p in rows]
+
+        batcher = MicroBatcher(run_rows, max_wait=max_wait)
+        batcher.returning = returning  # the last batch answered several callers, this many rows
+        threads = []
+        for i in range(callers):
+            threads.append(threading.Thread(target=batcher.submit, args=([f"a{i}", f"b{i}"], SHORT, (), 8)))
+            threads[-1].start()
+            time.sleep(0.04)
+        for t in threads:
+            t.join(10)
+        return calls
+
+    assert staggered(0.8) == [8]
+    assert staggered(0.0)[0] == 2  # no wait: the first click runs alone
+    start = time.perf_counter()
+    assert staggered(5.0, callers=2, returning=4) == [4]  # two users: waits for their 4 rows, no longer
+    assert time.perf_counter() - start < 2
+
+    batcher = MicroBatcher(lambda rows, settings, stops: list(rows), max_wait=5.0)
+    start = time.perf_counter()
+    assert batcher.submit(["x"], SHORT, (), 8) == ["x"]
+    assert batcher.submit(["y"], SHORT, (), 8) == ["y"]
+    assert time.perf_counter() - start < 2  # one caller at a time: never waits
+
+
 def test_a_failing_batch_fails_its_callers_and_the_batcher_keeps_serving(tiny_backend):
     original = tiny_backend._batcher.run_rows
 

@@ -42,7 +42,7 @@ def choose_backend(name: str | None, profile: Profile, base_url: str | None = No
 
 def load_backend(profile: str | Profile | None = "auto", backend: str | None = "auto",
                  adapters: dict[str, str] | None = None, base_url: str | None = None, api_key: str | None = None,
-                 threads: int | None = None, batch_size: int = 8, dtype=None, bits: int | None = None,
+                 threads: int | None = None, batch_size: int | None = None, dtype=None, bits: int | None = None,
                  n_parallel: int = 4, progress: bool = True, token: str | None = None,
                  profile_reason: str | None = None, gguf: str | None = None) -> Backend:
     """Load the base once with `adapters` (name -> folder or Hub id; default: the profile's).

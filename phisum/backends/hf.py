@@ -37,11 +37,14 @@ log = logging.getLogger(__name__)
 class TransformersBackend(Backend):
     name = "transformers"
     max_concurrency = 8  # events queue into the micro-batcher; more only lengthens each batch
+    # rows per batch: every running event's before/after pair fits in one (two rows per event)
+    default_batch_size = 2 * max_concurrency
 
-    def __init__(self, model: PreTrainedModel, tokenizer, profile: Profile, reason: str = "", batch_size: int = 8):
+    def __init__(self, model: PreTrainedModel, tokenizer, profile: Profile, reason: str = "",
+                 batch_size: int | None = None):
         super().__init__(profile, reason)
         self.model, self.tokenizer = model, tokenizer
-        self.batch_size = batch_size
+        self.batch_size = batch_size or self.default_batch_size
         self.lock = threading.Lock()
         self.packed_layers = 0
         backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -57,7 +60,7 @@ class TransformersBackend(Backend):
     @classmethod
     def load(cls, profile: Profile, adapters: Mapping[str, str] | None = None, reason: str = "",
              dtype=None, bits: int | None = None, fast_cpu: bool = True, progress: bool = True,
-             token: str | None = None, batch_size: int = 8) -> "TransformersBackend":
+             token: str | None = None, batch_size: int | None = None) -> "TransformersBackend":
         """Load the base once and every adapter in `adapters` (name -> folder or Hub id).
 
         Adapters that are missing or unusable are recorded in `missing` with the reason,
@@ -266,11 +269,19 @@ class MicroBatcher:
     Rows wait in one FIFO queue; the worker takes the oldest row and every queued row
     that can share its batch (same decoding settings and stops), in order, so a long
     evaluation and a single click interleave batch by batch instead of the click
-    waiting for the whole evaluation. No delay is added: a lone call runs at once,
-    and calls that arrive while a batch runs form the next one."""
+    waiting for the whole evaluation.
 
-    def __init__(self, run_rows):
+    While several callers are active (the last batch held rows of more than one call), the
+    next batch waits up to `max_wait` seconds for as many rows as the last one had (the
+    dynamic batcher's queue delay, as in Triton): users whose answers came back together
+    send their next clicks a few hundred milliseconds apart through the app, and without
+    the wait the first of them runs alone while the rest queue behind it for a whole
+    generation, batch after batch. A lone caller never waits."""
+
+    def __init__(self, run_rows, max_wait: float = 0.5):
         self.run_rows = run_rows
+        self.max_wait = max_wait
+        self.returning = 0  # rows of the last batch when it served more than one call, else 0
         self.queue: deque = deque()  # (job, row index)
         self.cv = threading.Condition()
         self.worker: threading.Thread | None = None
@@ -311,7 +322,12 @@ class MicroBatcher:
                         if not self.queue:  # idle: let the thread go; submit starts another
                             self.worker = None
                             return
+                deadline = time.monotonic() + self.max_wait
+                wanted = min(self.returning, self.queue[0][2])
+                while len(self.queue) < wanted and (left := deadline - time.monotonic()) > 0:
+                    self.cv.wait(timeout=left)
                 first, batch = self._next_batch()
+                self.returning = len(batch) if len({id(job) for job, _, _ in batch}) > 1 else 0
             try:
                 outputs = self.run_rows([job.rows[i] for job, i, _ in batch], first.settings, first.stops)
                 for (job, i, _), out in zip(batch, outputs):
