@@ -38,6 +38,9 @@ class PhisumArguments:
         cpu_group_tokens: the fast CPU trainer runs one forward+backward per length group of at
             most this many padded tokens, so only one group's activations are alive at a time
             (0: one backward per batch, every group's graph alive).
+        cpu_release_above: the fast CPU trainer hands freed memory back to the system every 8
+            steps, and sooner once RSS passes this multiple of its level after the last release
+            (0: on the schedule only).
     """
 
     profile: str | None = field(default=None, metadata={"help": f"{', '.join(PROFILES)}, or none to use "
@@ -57,6 +60,9 @@ class PhisumArguments:
     fast_cpu: bool | None = field(default=None, metadata={"help": "fast CPU trainer (default: on when no CUDA)"})
     cpu_group_tokens: int = field(default=768, metadata={"help": "fast CPU trainer: padded tokens per "
                                                                  "forward+backward group (0: one per batch)"})
+    cpu_release_above: float = field(default=2.0, metadata={"help": "fast CPU trainer: release freed memory once "
+                                                                     "RSS passes this multiple of its last low "
+                                                                     "(0: every 8 steps only)"})
 
     def __post_init__(self):
         if self.task not in TASKS:
@@ -71,6 +77,8 @@ class PhisumArguments:
             raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if self.cpu_group_tokens < 0:
             raise ValueError(f"cpu_group_tokens must be 0 or more, got {self.cpu_group_tokens}")
+        if self.cpu_release_above and self.cpu_release_above <= 1:
+            raise ValueError(f"cpu_release_above must be above 1 (or 0: off), got {self.cpu_release_above}")
 
 
 def build_parser():

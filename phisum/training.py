@@ -179,14 +179,16 @@ def check_init_adapter(folder: Path, model_args, base_id: str | None) -> None:
 
 # --------------------------------------------------------------- trainer
 
-def build_trainer(model, tokenizer, train, evaluation, training_args, fast: bool, group_tokens: int = 768):
+def build_trainer(model, tokenizer, train, evaluation, training_args, fast: bool, pargs=None):
     from datasets import Dataset
 
     from phisum.fast_trainer import CompletionOnlySFTTrainer, ThroughputCallback
 
     every = max(int(training_args.logging_steps or 10), 1)
     meter = ThroughputCallback(every=every, log=lambda line: print(f"[phisum] {line}", file=sys.stderr, flush=True))
-    cls, extra = CompletionOnlySFTTrainer, {"max_group_tokens": group_tokens or None}
+    cls, extra = CompletionOnlySFTTrainer, {}
+    if pargs is not None:  # the recipe's memory settings for the CPU trainer
+        extra = {"max_group_tokens": pargs.cpu_group_tokens or None, "release_above": pargs.cpu_release_above or None}
     if not fast:
         from trl import SFTTrainer as cls  # noqa: N813
         extra = {}
@@ -307,7 +309,7 @@ def train(pargs, training_args, model_args, argv: list[str]) -> dict | None:
     if training_args.eval_strategy != "no" and not eval_rows:
         raise ValueError("eval_strategy is set but there is no eval data; set eval_split or eval_strategy: 'no'")
     model = add_lora(model, model_args, base_id, training_args.activation_checkpointing, pargs.init_adapter)
-    trainer = build_trainer(model, tokenizer, train_rows, eval_rows, training_args, fast, pargs.cpu_group_tokens)
+    trainer = build_trainer(model, tokenizer, train_rows, eval_rows, training_args, fast, pargs)
     report_truncation(trainer, train_rows, eval_rows, reports, training_args.max_length)
     trainer.train(resume_from_checkpoint=resume)
     if not trainer.is_world_process_zero():

@@ -53,7 +53,7 @@ def train_in_process(recipe: Path):
     rows, evaluation, _ = training.load_examples(pargs, tokenizer.eos_token)
     model = training.add_lora(model, margs, base_id, sft.gradient_checkpointing, pargs.init_adapter)
     before = {n: p.detach().clone().float() for n, p in model.named_parameters()}
-    trainer = training.build_trainer(model, tokenizer, rows, evaluation, sft, fast, pargs.cpu_group_tokens)
+    trainer = training.build_trainer(model, tokenizer, rows, evaluation, sft, fast, pargs)
     trainer.train()
     return trainer, model, before
 
@@ -110,22 +110,25 @@ def test_fast_path_settings(tmp_path, data_dir):
     assert margs.attn_implementation == "sdpa"  # a recipe's explicit choice stands
 
 
-@pytest.mark.parametrize("tokens, expected", [(None, 768), (1536, 1536), (0, None)])
-def test_recipe_sets_the_cpu_trainers_group_size(tmp_path, data_dir, tokens, expected):
-    """cpu_group_tokens reaches the trainer; 0 is one backward per batch."""
-    overrides = {} if tokens is None else {"cpu_group_tokens": tokens}
+@pytest.mark.parametrize("overrides, expected", [({}, (768, 2.0)), ({"cpu_group_tokens": 1536}, (1536, 2.0)),
+                                                 ({"cpu_group_tokens": 0, "cpu_release_above": 0}, (None, None)),
+                                                 ({"cpu_release_above": 1.5}, (768, 1.5))])
+def test_recipe_sets_the_cpu_trainers_memory_settings(tmp_path, data_dir, overrides, expected):
+    """cpu_group_tokens and cpu_release_above reach the trainer; 0 turns each off."""
     pargs, sft, margs = parse_recipe(["--config", str(write_recipe(tmp_path, data_dir, **overrides))])
     fast = training.choose_fast_path(pargs, sft, margs)
     model, tokenizer, base_id = training.load_model(pargs, margs, fast)
     rows, _, _ = training.load_examples(pargs, tokenizer.eos_token)
     model = training.add_lora(model, margs, base_id, False)
-    trainer = training.build_trainer(model, tokenizer, rows, None, sft, fast, pargs.cpu_group_tokens)
-    assert trainer.max_group_tokens == expected
+    trainer = training.build_trainer(model, tokenizer, rows, None, sft, fast, pargs)
+    assert (trainer.max_group_tokens, trainer.release_above) == expected
 
 
-def test_negative_group_size_is_refused(tmp_path, data_dir):
-    with pytest.raises(ValueError, match="cpu_group_tokens must be 0 or more"):
-        parse_recipe(["--config", str(write_recipe(tmp_path, data_dir, cpu_group_tokens=-1))])
+@pytest.mark.parametrize("overrides, message", [({"cpu_group_tokens": -1}, "cpu_group_tokens must be 0 or more"),
+                                                ({"cpu_release_above": 0.5}, "cpu_release_above must be above 1")])
+def test_bad_cpu_memory_settings_are_refused(tmp_path, data_dir, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        parse_recipe(["--config", str(write_recipe(tmp_path, data_dir, **overrides))])
 
 
 def test_qlora_4bit_trl_trainer(tmp_path, data_dir):
