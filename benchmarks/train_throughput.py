@@ -69,19 +69,23 @@ VARIANTS = {  # name -> (label, fast trainer, trainer kwargs, attention)
 
 def variant(name: str) -> tuple:
     """VARIANTS[name]; "NAME@TOKENS" is NAME with groups of at most TOKENS padded tokens, "NAME/N" NAME
-    trimmed every N steps (both may be given: phisum@1536/4); "+jemalloc[CONF]" and "+thp" change the
-    process's allocator and pages (variant_environment)."""
+    trimmed every N steps, "NAME^X" NAME releasing early once RSS passes X times its last low (the
+    recipe's cpu_release_above), in that order (phisum@1536/4^1.5); "+jemalloc[CONF]" and "+thp"
+    change the process's allocator and pages (variant_environment)."""
     import re
 
-    match = re.fullmatch(r"([\w-]+)(?:@(\d+))?(?:/(\d+))?(\+jemalloc(?:\[[\w:;.-]+\])?)?(\+thp)?", name)
+    match = re.fullmatch(r"([\w-]+)(?:@(\d+))?(?:/(\d+))?(?:\^(\d+(?:\.\d+)?))?"
+                         r"(\+jemalloc(?:\[[\w:;.-]+\])?)?(\+thp)?", name)
     if not match or match.group(1) not in VARIANTS:
         raise KeyError(name)
-    base, tokens, every, jemalloc, thp = match.groups()
+    base, tokens, every, above, jemalloc, thp = match.groups()
     label, fast, kwargs, attention = VARIANTS[base]
     if tokens:
         label, kwargs = f"{label}, groups <= {tokens}", {**kwargs, "max_group_tokens": int(tokens)}
     if every:
         label, kwargs = f"{label}, trim every {every}", {**kwargs, "release_every": int(every)}
+    if above:
+        label, kwargs = f"{label}, early release at {above}x", {**kwargs, "release_above": float(above)}
     if jemalloc:
         label = f"{label}, jemalloc" + (f" {jemalloc_conf(jemalloc)}" if "[" in jemalloc else "")
     if thp:

@@ -115,6 +115,7 @@ def test_train_throughput_variant_names():
     assert fast and attention == "eager" and kwargs == {"max_group_tokens": 1536, "release_every": 4}
     assert label.endswith("groups <= 1536, trim every 4, jemalloc")
     assert bench.variant("phisum-fixed")[2] == {"release_above": None}
+    assert bench.variant("phisum@1536^1.5+jemalloc")[2] == {"max_group_tokens": 1536, "release_above": 1.5}
     assert not bench.known_variant("phisum+tcmalloc") and not bench.known_variant("nothing")
     assert bench.variant_environment("phisum/2") == {}
     assert not bench.known_variant("phisum+jemalloc[a,b]")  # ',' separates variants
