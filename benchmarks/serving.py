@@ -40,14 +40,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-VARIANTS = {  # name -> (backend, app concurrency or None for the backend's, environment)
-    "transformers-serial": ("transformers", 1, {}),
-    "transformers": ("transformers", None, {}),
-    "transformers-nowait": ("transformers", None, {}),
-    "llamacpp": ("llamacpp", None, {}),
-    "llamacpp-passive": ("llamacpp", None, {"OMP_WAIT_POLICY": "PASSIVE"}),
+VARIANTS = {  # name -> (backend, app concurrency or None for the backend's, environment, micro-batcher)
+    "transformers-serial": ("transformers", 1, {}, {}),
+    "transformers": ("transformers", None, {}, {}),
+    "transformers-nowait": ("transformers", None, {}, {"batch_size": 8, "max_wait": 0.0}),
+    "llamacpp": ("llamacpp", None, {}, {}),
+    "llamacpp-passive": ("llamacpp", None, {"OMP_WAIT_POLICY": "PASSIVE"}, {}),
 }
-BATCHING = {"transformers-nowait": {"batch_size": 8, "max_wait": 0.0}}  # the micro-batcher's settings
 
 
 def load(name: str, args):
@@ -63,7 +62,7 @@ def load(name: str, args):
         from benchmarks._util import make_standin_adapters
 
         adapters = make_standin_adapters(profile, Path(tempfile.mkdtemp(prefix="phisum-standin-")))
-    batching = BATCHING.get(name, {})
+    batching = VARIANTS[name][3]
     backend = load_backend(profile, kind, adapters, threads=args.threads, n_parallel=args.slots, progress=False,
                            batch_size=batching.get("batch_size"))
     if "max_wait" in batching:

@@ -87,12 +87,14 @@ def relaunch_under_jemalloc() -> None:
 
 
 @functools.cache
-def _malloc_trim():
+def _glibc():
+    """glibc, for malloc_trim and mallopt; None off glibc (musl, other systems)."""
     if not sys.platform.startswith("linux"):
         return None
     try:
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # musl and others
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None
+    except OSError:
         return None
 
 
@@ -106,8 +108,8 @@ def release_freed_memory() -> bool:
     Under jemalloc its arenas are purged instead."""
     if active() == "jemalloc":
         return _purge_jemalloc()
-    trim = _malloc_trim()
-    return bool(trim and trim(0))
+    libc = _glibc()
+    return bool(libc and libc.malloc_trim(0))
 
 
 def resident_bytes() -> int | None:
@@ -127,13 +129,10 @@ def keep_freed_memory(limit: int = 1 << 30) -> bool:
     pages again and the kernel zeroes them (benchmarks/train_throughput.py: faults/step). Kept
     blocks are reused; what they cost in fragmentation the trainer takes back with a trim
     every `release_every` steps. Process-wide; False off glibc and under jemalloc."""
-    if not sys.platform.startswith("linux") or active() == "jemalloc":
-        return False
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):  # musl and others: nothing to tune
+    libc = _glibc()
+    if libc is None or active() == "jemalloc":
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3
     # glibc < 2.35 caps the mmap threshold at 32 MB on 64-bit: fall back to the cap.
-    ok = bool(mallopt(m_mmap_threshold, limit) or mallopt(m_mmap_threshold, 32 << 20))
-    return bool(mallopt(m_trim_threshold, 2**31 - 1)) and ok
+    ok = bool(libc.mallopt(m_mmap_threshold, limit) or libc.mallopt(m_mmap_threshold, 32 << 20))
+    return bool(libc.mallopt(m_trim_threshold, 2**31 - 1)) and ok

@@ -62,20 +62,26 @@ def load_examples(pargs, eos_token: str):
 
 # ----------------------------------------------------------------- model
 
+def runs_on_cpu(training_args) -> bool:
+    """Whether this run trains on the CPU: asked for (`use_cpu`), or no CUDA device."""
+    import torch
+
+    return bool(training_args.use_cpu) or not torch.cuda.is_available()
+
+
 def kbit_device_map(on_cpu: bool):
     """bitsandbytes places the weights at load time: the whole model on this process's own GPU (one
     per rank under accelerate or torchrun), or the CPU."""
-    import torch
-
-    if on_cpu or not torch.cuda.is_available():
+    if on_cpu:
         return "cpu"
     from accelerate import PartialState
 
     return {"": PartialState().local_process_index}
 
 
-def load_model(pargs, model_args, fast: bool):
-    """(model, tokenizer, base_id): the base in fp32 unless the recipe says otherwise."""
+def load_model(pargs, model_args, on_cpu: bool):
+    """(model, tokenizer, base_id): the base in fp32 unless the recipe says otherwise; a quantized
+    base is placed on the CPU when `on_cpu` (runs_on_cpu), else on this process's GPU."""
     import trl
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -106,7 +112,7 @@ def load_model(pargs, model_args, fast: bool):
         kwargs["attn_implementation"] = model_args.attn_implementation
     if quant is not None:
         kwargs["quantization_config"] = quant
-        kwargs["device_map"] = kbit_device_map(on_cpu=fast)
+        kwargs["device_map"] = kbit_device_map(on_cpu)
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(path, revision=model_args.model_revision)
     prepare_tokenizer(tokenizer)
@@ -187,11 +193,10 @@ def build_trainer(model, tokenizer, train, evaluation, training_args, fast: bool
     every = max(int(training_args.logging_steps or 10), 1)
     meter = ThroughputCallback(every=every, log=lambda line: print(f"[phisum] {line}", file=sys.stderr, flush=True))
     cls, extra = CompletionOnlySFTTrainer, {}
-    if pargs is not None:  # the recipe's memory settings for the CPU trainer
-        extra = {"max_group_tokens": pargs.cpu_group_tokens or None, "release_above": pargs.cpu_release_above or None}
     if not fast:
         from trl import SFTTrainer as cls  # noqa: N813
-        extra = {}
+    elif pargs is not None:  # the recipe's memory settings for the CPU trainer
+        extra = {"max_group_tokens": pargs.cpu_group_tokens or None, "release_above": pargs.cpu_release_above or None}
     trainer = cls(model=model, args=training_args, train_dataset=Dataset.from_list(train),
                   eval_dataset=Dataset.from_list(evaluation) if evaluation else None,
                   processing_class=tokenizer, callbacks=[meter], **extra)
@@ -212,10 +217,7 @@ def report_truncation(trainer, train_rows, eval_rows, reports, max_length) -> No
 
 
 def choose_fast_path(pargs, training_args, model_args=None) -> bool:
-    import torch
-
-    on_cpu = training_args.use_cpu or not torch.cuda.is_available()
-    fast = pargs.fast_cpu if pargs.fast_cpu is not None else on_cpu
+    fast = pargs.fast_cpu if pargs.fast_cpu is not None else runs_on_cpu(training_args)
     if fast:
         if training_args.activation_checkpointing:
             log.info("fast CPU path: activation checkpointing off (per-group backward bounds memory instead "
@@ -228,7 +230,7 @@ def choose_fast_path(pargs, training_args, model_args=None) -> bool:
             # torch's CPU flash-attention backward is slow for Gemma's 256-wide heads: eager
             # attention trains faster (benchmarks/train_throughput.py, variant phisum-sdpa).
             model_args.attn_implementation = "eager"
-    if not torch.cuda.is_available() and training_args.fp16:
+    if runs_on_cpu(training_args) and training_args.fp16:
         raise ValueError("fp16 needs a GPU; on CPU use bf16: true (phi-2 overflows in fp16 anyway)")
     return fast
 
@@ -302,7 +304,7 @@ def train(pargs, training_args, model_args, argv: list[str]) -> dict | None:
     from phisum import allocator
 
     print(f"[phisum] memory allocator: {allocator.active()} ({allocator.ENV}=jemalloc|system)", file=sys.stderr)
-    model, tokenizer, base_id = load_model(pargs, model_args, fast)
+    model, tokenizer, base_id = load_model(pargs, model_args, runs_on_cpu(training_args))
     train_rows, eval_rows, reports = load_examples(pargs, tokenizer.eos_token)
     for report in reports:
         print(f"[phisum] data: {report.summary()}", file=sys.stderr)

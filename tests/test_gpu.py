@@ -50,9 +50,9 @@ def test_phi2_recipe_trains_on_the_gpu(tmp_path, recipe):
     from phisum.models import save_tiny
     from phisum.train_config import parse_recipe
 
-    _, _, model_args = parse_recipe(["--config", str(RECIPES / recipe)])
+    pargs, _, model_args = parse_recipe(["--config", str(RECIPES / recipe)])
     tiny = save_tiny(tmp_path / "tiny")
-    data = write_rows(tmp_path / "data", parse_recipe(["--config", str(RECIPES / recipe)])[0].task)
+    data = write_rows(tmp_path / "data", pargs.task)
     out = tmp_path / "run"
     command = [sys.executable, "-m", "phisum", "train", "--config", str(RECIPES / recipe), "--profile", "none",
                "--model_name_or_path", str(tiny), "--dataset_source", str(data), "--output_dir", str(out),

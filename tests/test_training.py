@@ -49,7 +49,7 @@ def train_in_process(recipe: Path):
     """The pieces training.train() chains, kept apart so the test can look at the weights."""
     pargs, sft, margs = parse_recipe(["--config", str(recipe)])
     fast = training.choose_fast_path(pargs, sft, margs)
-    model, tokenizer, base_id = training.load_model(pargs, margs, fast)
+    model, tokenizer, base_id = training.load_model(pargs, margs, training.runs_on_cpu(sft))
     rows, evaluation, _ = training.load_examples(pargs, tokenizer.eos_token)
     model = training.add_lora(model, margs, base_id, sft.gradient_checkpointing, pargs.init_adapter)
     before = {n: p.detach().clone().float() for n, p in model.named_parameters()}
