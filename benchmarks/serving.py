@@ -14,7 +14,7 @@ Variants:
   transformers-serial   today's transformers backend, the app running one event at a time
   transformers          the same backend, events run at once and micro-batched (the default: 16
                         rows per batch; while several users are active a batch waits up to
-                        0.5 s for as many rows as the last one had)
+                        0.5 s for every active user's rows)
   transformers-nowait   micro-batched as before 2026-11-27: 8 rows per batch, no wait (in closed
                         loop the first click after a batch then runs alone)
   llamacpp              llama.cpp in process, --slots slots, --threads threads

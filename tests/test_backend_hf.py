@@ -35,6 +35,33 @@ def test_batched_generation_matches_one_at_a_time(tiny_backend):
     assert batched == single
 
 
+def test_rows_that_finish_leave_the_batch_and_the_rest_continue_unchanged(tiny_backend):
+    """A row that stops early (here a stop string taken from its own output) leaves the batch:
+    generate runs again on the remaining rows from the KV cache, and every row, early or late,
+    base or adapter, is what it is alone (fp32)."""
+    settings = GenerationSettings(max_new_tokens=24)
+    prompts = [f"#Person1#: question {i}?\n#Person2#: answer {i} and more." for i in range(4)]
+    systems = [BASE, "dialogsum", BASE, "dialogsum"]
+    free = [tiny_backend.generate([p], s, settings)[0] for p, s in zip(prompts, systems)]
+    stop = next(g.text[6:10] for g in free if len(g.text) > 12)  # ends at least one row early
+    alone = [tiny_backend.generate([p], s, settings, (stop,))[0] for p, s in zip(prompts, systems)]
+    assert sorted(g.finish_reason for g in alone)[-1] == "stop" and any(g.new_tokens == 24 for g in alone)
+    calls, original = [], tiny_backend.model.generate
+
+    def counting(**kwargs):
+        calls.append(kwargs["input_ids"].shape[0])
+        return original(**kwargs)
+
+    tiny_backend.model.generate = counting
+    try:
+        together = tiny_backend.generate(prompts, systems, settings, (stop,))
+    finally:
+        del tiny_backend.model.generate
+    assert [(g.text, g.new_tokens, g.finish_reason) for g in together] == \
+        [(g.text, g.new_tokens, g.finish_reason) for g in alone]
+    assert calls[0] == 4 and len(calls) > 1 and calls[-1] < 4, calls
+
+
 def test_concurrent_calls_share_batches_and_give_the_same_outputs(tiny_backend):
     """Before/after clicks from 8 users at once are micro-batched: fewer model calls than
     calls made, and every caller gets what it would have got alone."""
@@ -72,9 +99,9 @@ def test_concurrent_calls_share_batches_and_give_the_same_outputs(tiny_backend):
 def test_calls_a_few_milliseconds_apart_share_one_batch():
     """Users whose answers came back together click again milliseconds apart: the batch waits up to
     max_wait for them instead of running the first click alone; a lone caller never waits."""
-    from phisum.backends.hf import MicroBatcher
+    from phisum.backends.batching import MicroBatcher
 
-    def staggered(max_wait, callers=4, returning=8):
+    def staggered(max_wait, callers=4, expected=8):
         calls = []
 
         def run_rows(rows, settings, stops):
@@ -82,7 +109,7 @@ def test_calls_a_few_milliseconds_apart_share_one_batch():
             return [f"{p}!" for p in rows]
 
         batcher = MicroBatcher(run_rows, max_wait=max_wait)
-        batcher.returning = returning  # the last batch answered several callers, this many rows
+        batcher.expected = expected  # the last batch answered several callers, this many rows
         threads = []
         for i in range(callers):
             threads.append(threading.Thread(target=batcher.submit, args=([f"a{i}", f"b{i}"], SHORT, (), 8)))
@@ -95,7 +122,7 @@ def test_calls_a_few_milliseconds_apart_share_one_batch():
     assert staggered(0.8) == [8]
     assert staggered(0.0)[0] == 2  # no wait: the first click runs alone
     start = time.perf_counter()
-    assert staggered(5.0, callers=2, returning=4) == [4]  # two users: waits for their 4 rows, no longer
+    assert staggered(5.0, callers=2, expected=4) == [4]  # two users: waits for their 4 rows, no longer
     assert time.perf_counter() - start < 2
 
     batcher = MicroBatcher(lambda rows, settings, stops: list(rows), max_wait=5.0)
@@ -103,6 +130,42 @@ def test_calls_a_few_milliseconds_apart_share_one_batch():
     assert batcher.submit(["x"], SHORT, (), 8) == ["x"]
     assert batcher.submit(["y"], SHORT, (), 8) == ["y"]
     assert time.perf_counter() - start < 2  # one caller at a time: never waits
+
+
+def test_a_caller_that_missed_a_batch_joins_the_next_full_one():
+    """Seen through the app with 8 users: one click arrived milliseconds after a batch of the
+    other seven started. The next batch must wait for those seven to come back, not start
+    with the late one and leave it out of step with the rest batch after batch."""
+    from phisum.backends.batching import MicroBatcher
+
+    calls, started = [], threading.Event()
+    release = threading.Event()
+
+    def run_rows(rows, settings, stops):
+        calls.append(len(rows))
+        started.set()
+        release.wait(10)
+        return [f"{p}!" for p in rows]
+
+    batcher = MicroBatcher(run_rows, max_wait=2.0)
+
+    def user(i, clicks):
+        for _ in range(clicks):
+            batcher.submit([f"a{i}", f"b{i}"], SHORT, (), 16)
+            time.sleep(0.05)  # the next click comes back through the app a little later
+
+    threads = [threading.Thread(target=user, args=(i, 2)) for i in range(3)]
+    for t in threads:
+        t.start()
+    started.wait(5)
+    time.sleep(0.2)
+    late = threading.Thread(target=user, args=(9, 1))
+    late.start()  # misses the running batch
+    time.sleep(0.2)
+    release.set()
+    for t in [*threads, late]:
+        t.join(10)
+    assert calls[0] <= 6 and calls[1] == 8  # the late click waits for the three returning users' rows
 
 
 def test_a_failing_batch_fails_its_callers_and_the_batcher_keeps_serving(tiny_backend):

@@ -10,7 +10,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ["generation.py", "cold_start.py", "memory.py", "eval_throughput.py", "train_throughput.py", "serving.py",
-           "head_loss.py"]
+           "head_loss.py", "batch_generation.py"]
 
 
 def run_benchmark(script: str, *args: str, timeout: float = 300) -> str:
@@ -72,6 +72,15 @@ def test_serving_quick_on_tiny_serves_the_real_app_without_errors():
     for variant in ("transformers-serial", "transformers"):
         assert re.search(rf"^{variant}: p95/p50 = [\d.]+; errors \[\]$", out, re.MULTILINE), f"{variant} row"
     assert float(re.search(r"summaries/min ([\d.]+)x", out).group(1)) > 0
+
+
+def test_batch_generation_on_tiny_fp32_every_variant_gives_the_one_call_outputs():
+    out = run_benchmark("batch_generation.py", "--profile", "tiny", "--dtype", "fp32", "--quick")
+    rows = {line.split()[0]: line.split() for line in out.splitlines()
+            if line.split() and line.split()[0] in ("one-call", "grouped", "grouped-only", "leave-only")}
+    assert set(rows) == {"one-call", "grouped", "grouped-only", "leave-only"}, out
+    assert all(r[-1] == "4/4" for r in rows.values()), out  # fp32: the strategies change speed, not text
+    assert "load average" in out
 
 
 def test_eval_throughput_quick_on_tiny_compares_batched_with_one_at_a_time():

@@ -13,20 +13,20 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 
 from phisum.startup import frozen_imports
 
 with frozen_imports():  # the model stack's import-time objects, out of the collector's reach
     import torch
     from transformers import PreTrainedModel, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+    from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
 from phisum.adapters import (AdapterError, AdapterSource, adapter_display, check_adapter, describe_adapter,
                              resolve_adapter)
-from phisum.backends.base import Backend, merge_key
+from phisum.backends.base import Backend
+from phisum.backends.batching import MicroBatcher
 from phisum.generation import BASE, Generation, GenerationSettings, first_stop, held_back
 from phisum.models import load_base, pack_linear_weights
 from phisum.profiles import Profile
@@ -39,6 +39,8 @@ class TransformersBackend(Backend):
     max_concurrency = 8  # events queue into the micro-batcher; more only lengthens each batch
     # rows per batch: every running event's before/after pair fits in one (two rows per event)
     default_batch_size = 2 * max_concurrency
+    prefill_group = 4  # rows per prefill forward (one system, similar lengths); 0: generate prefills the batch
+    leave_early = True  # finished rows leave the batch (False: one generate call runs every row to the end)
 
     def __init__(self, model: PreTrainedModel, tokenizer, profile: Profile, reason: str = "",
                  batch_size: int | None = None):
@@ -149,32 +151,105 @@ class TransformersBackend(Backend):
         (prompts are built outside the model lock) switches it off mid-batch, failing
         with "Unable to create tensor". Unpadded calls leave the tokenizer's state alone,
         so none needs a lock."""
-        rows = self.tokenizer(list(texts)).input_ids
+        return self._pad(self.tokenizer(list(texts)).input_ids)
+
+    def _pad(self, rows: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
         width = max(map(len, rows))
         pad = self.tokenizer.pad_token_id
         ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=self.device)
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.device)
         return {"input_ids": ids, "attention_mask": mask}
 
+    def _prefill(self, rows: Sequence[Sequence[int]], systems) -> DynamicCache | None:
+        """The KV cache of every prompt but its last token, left-padded as `_pad` pads the rows.
+
+        A batch of different dialogues padded to the longest spends much of its prefill on
+        padding, and mixing adapters in one forward costs more again. So rows are prefilled in
+        small groups of one system and similar length, and the groups' caches are padded and
+        stacked into the one cache generate continues from (it computes the last prompt token
+        itself). None where a cache cannot be stacked this way; generate then prefills."""
+        if self.prefill_group < 1 or min(map(len, rows)) < 2:
+            return None
+        merged = DynamicCache(config=self.model.config)
+        if not all(type(layer) in (DynamicLayer, DynamicSlidingWindowLayer) for layer in merged.layers):
+            return None
+        order = sorted(range(len(rows)), key=lambda i: (systems[i], len(rows[i])))
+        groups: list[list[int]] = []
+        for i in order:
+            if groups and len(groups[-1]) < self.prefill_group and systems[groups[-1][0]] == systems[i]:
+                groups[-1].append(i)
+            else:
+                groups.append([i])
+        parts = {}
+        for group in groups:
+            enc = self._pad([rows[i][:-1] for i in group])
+            cache = DynamicCache(config=self.model.config)
+            with self._adapters_for([systems[group[0]]]) as extra:
+                self.model(**enc, position_ids=(enc["attention_mask"].cumsum(-1) - 1).clamp(min=0),
+                           past_key_values=cache, use_cache=True, logits_to_keep=1, **extra)
+            parts.update((row, (cache, j)) for j, row in enumerate(group))
+        for index, layer in enumerate(merged.layers):
+            keys = [parts[row][0].layers[index].keys[parts[row][1]] for row in range(len(rows))]
+            values = [parts[row][0].layers[index].values[parts[row][1]] for row in range(len(rows))]
+            width = max(k.shape[-2] for k in keys)  # a sliding layer keeps at most its window
+
+            def stack(states):
+                return torch.stack([torch.nn.functional.pad(x, (0, 0, width - x.shape[-2], 0)) for x in states])
+
+            layer.lazy_initialization(keys[0][None], values[0][None])
+            layer.keys, layer.values = stack(keys), stack(values)
+            if isinstance(layer, DynamicSlidingWindowLayer):
+                layer.cumulative_length = max(map(len, rows)) - 1
+        return merged
+
     def _generate_locked(self, batch, systems, settings, stops, cancel=None) -> list[Generation]:
-        enc = self.encode(batch)
+        """Generate for every row from a grouped prefill (`_prefill`); rows leave as they finish.
+
+        transformers' generate keeps a finished row in the batch, padding, until the last row
+        is done: in a before/after batch the adapter's summaries end long before the base
+        model's reach their cap, and every step still pays for them (and for mixing adapters
+        in one batch). So generate stops when a row is done, the finished rows are dropped
+        from the sequences and the KV cache (`Cache.batch_select_indices`), and generation
+        continues from the cache for the rest: no token is computed twice."""
+        tokens = self.tokenizer(list(batch)).input_ids
+        enc = self._pad(tokens)
         prompt_len = enc["input_ids"].shape[1]
         clock = RowClock(self.tokenizer, self.eos_ids, stops, prompt_len)
-        criteria = StoppingCriteriaList([clock])
-        if cancel is not None:
-            criteria.append(CancelOnEvent(cancel))
         if settings.seed is not None:
             torch.manual_seed(settings.seed)
-        with torch.inference_mode(), self._adapters_for(systems) as extra:
-            out = self.model.generate(**enc, **settings.generate_kwargs(), **extra, stopping_criteria=criteria,
-                                      pad_token_id=self.tokenizer.pad_token_id)
+        with torch.inference_mode():
+            cache = self._prefill(tokens, systems)
+        ids, mask = enc["input_ids"], enc["attention_mask"]
+        alive, new_ids = list(range(len(batch))), {}
+        while alive:
+            left = settings.max_new_tokens - (ids.shape[1] - prompt_len)
+            criteria = StoppingCriteriaList([LeaveEarly(clock, 1) if self.leave_early else clock])
+            if cancel is not None:
+                criteria.append(CancelOnEvent(cancel))
+            kwargs = {**settings.generate_kwargs(), "max_new_tokens": left}
+            with torch.inference_mode(), self._adapters_for([systems[i] for i in alive]) as extra:
+                out = self.model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, **kwargs,
+                                          **extra, stopping_criteria=criteria, return_dict_in_generate=True,
+                                          pad_token_id=self.tokenizer.pad_token_id)
+            steps = out.sequences.shape[1] - ids.shape[1]
+            over = steps >= left or (cancel is not None and cancel.is_set())
+            keep = [] if over else [j for j, row in enumerate(alive) if row not in clock.finished]
+            for j, row in enumerate(alive):
+                if j not in keep:
+                    new_ids[row] = out.sequences[j, prompt_len:]
+            if not keep:
+                break
+            cache = out.past_key_values
+            cache.batch_select_indices(torch.tensor(keep, device=ids.device))
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], steps)], dim=1)[keep]
+            ids, alive = out.sequences[keep], [alive[j] for j in keep]
+            clock.rows = alive
         done = time.perf_counter()
         results = []
         for row, system in enumerate(systems):
             prompt_tokens = int(enc["attention_mask"][row].sum())
-            seconds = clock.seconds(row, done)
-            results.append(self._finish(out[row, prompt_len:], system, prompt_tokens, stops,
-                                        settings.max_new_tokens, seconds, cancel))
+            results.append(self._finish(new_ids[row], system, prompt_tokens, stops, settings.max_new_tokens,
+                                        clock.seconds(row, done), cancel))
         return results
 
     def _finish(self, new_ids, system, prompt_tokens, stops, max_new, seconds, cancel) -> Generation:
@@ -249,103 +324,12 @@ class TransformersBackend(Backend):
             raise errors[0]
 
 
-# ---------------------------------------------------------------- micro-batching
-
-@dataclass
-class _Job:
-    rows: list
-    key: object
-    settings: GenerationSettings
-    stops: tuple
-    results: list = field(default_factory=list)
-    pending: int = 0
-    error: BaseException | None = None
-    done: threading.Event = field(default_factory=threading.Event)
-
-
-class MicroBatcher:
-    """Runs the rows of concurrent calls together, at most `batch_size` rows per model call.
-
-    Rows wait in one FIFO queue; the worker takes the oldest row and every queued row
-    that can share its batch (same decoding settings and stops), in order, so a long
-    evaluation and a single click interleave batch by batch instead of the click
-    waiting for the whole evaluation.
-
-    While several callers are active (the last batch held rows of more than one call), the
-    next batch waits up to `max_wait` seconds for as many rows as the last one had (the
-    dynamic batcher's queue delay, as in Triton): users whose answers came back together
-    send their next clicks a few hundred milliseconds apart through the app, and without
-    the wait the first of them runs alone while the rest queue behind it for a whole
-    generation, batch after batch. A lone caller never waits."""
-
-    def __init__(self, run_rows, max_wait: float = 0.5):
-        self.run_rows = run_rows
-        self.max_wait = max_wait
-        self.returning = 0  # rows of the last batch when it served more than one call, else 0
-        self.queue: deque = deque()  # (job, row index)
-        self.cv = threading.Condition()
-        self.worker: threading.Thread | None = None
-
-    def submit(self, rows, settings, stops, batch_size) -> list[Generation]:
-        job = _Job(rows, merge_key(settings, stops), settings, stops, [None] * len(rows), len(rows))
-        if not rows:
-            return []
-        with self.cv:
-            self.queue.extend((job, i, batch_size) for i in range(len(rows)))
-            if self.worker is None or not self.worker.is_alive():
-                self.worker = threading.Thread(target=self._work, name="phisum-batcher", daemon=True)
-                self.worker.start()
-            self.cv.notify()
-        job.done.wait()
-        if job.error is not None:
-            raise job.error
-        return job.results
-
-    def _next_batch(self):
-        first, _, limit = self.queue[0]
-        batch, keep = [], deque()
-        while self.queue:
-            item = self.queue.popleft()
-            job = item[0]
-            if job.error is not None:  # an earlier batch of this call failed: its caller has left
-                continue
-            same = job is first or (first.key is not None and job.key == first.key)
-            (batch if same and len(batch) < limit else keep).append(item)
-        self.queue = keep
-        return first, batch
-
-    def _work(self):
-        while True:
-            with self.cv:
-                while not self.queue:
-                    if not self.cv.wait(timeout=60):
-                        if not self.queue:  # idle: let the thread go; submit starts another
-                            self.worker = None
-                            return
-                deadline = time.monotonic() + self.max_wait
-                wanted = min(self.returning, self.queue[0][2])
-                while len(self.queue) < wanted and (left := deadline - time.monotonic()) > 0:
-                    self.cv.wait(timeout=left)
-                first, batch = self._next_batch()
-                self.returning = len(batch) if len({id(job) for job, _, _ in batch}) > 1 else 0
-            try:
-                outputs = self.run_rows([job.rows[i] for job, i, _ in batch], first.settings, first.stops)
-                for (job, i, _), out in zip(batch, outputs):
-                    job.results[i] = out
-            except BaseException as exc:  # every caller in the batch sees the failure
-                for job, _, _ in batch:
-                    job.error = exc
-            for job, _, _ in batch:
-                job.pending -= 1
-                if job.pending == 0 or job.error is not None:
-                    job.done.set()
-
-
 # ---------------------------------------------------------------- stopping rules
 
 class RowClock(StoppingCriteria):
     """Marks each row finished at its EOS or stop string and records when, so a row that
     finished early reports its own time, not the batch's. Stops the batch when all are done.
+    `rows` maps the current batch's rows to the first batch's (rows leave as they finish).
 
     transformers' own stop_strings pre-computes tables over the whole vocabulary (262k
     tokens for Gemma); decoding a short tail per step is cheaper here."""
@@ -355,6 +339,7 @@ class RowClock(StoppingCriteria):
         self.prompt_length, self.tail = prompt_length, tail_tokens
         self.start = time.perf_counter()
         self.finished: dict[int, float] = {}
+        self.rows: list[int] | None = None
 
     def __call__(self, input_ids, scores, **kwargs):
         new = input_ids[:, self.prompt_length:]
@@ -367,11 +352,25 @@ class RowClock(StoppingCriteria):
             done |= torch.tensor([first_stop(t, self.stops) >= 0 for t in tails], device=new.device)
         now = time.perf_counter()
         for row in done.nonzero().flatten().tolist():
-            self.finished.setdefault(row, now - self.start)
+            self.finished.setdefault(self.rows[row] if self.rows is not None else row, now - self.start)
         return done
 
     def seconds(self, row: int, end: float) -> float:
         return self.finished.get(row, end - self.start)
+
+
+class LeaveEarly(StoppingCriteria):
+    """The clock's per-row stops, and the whole call once `count` rows are done while others
+    still run, so the caller can drop the finished rows and go on without them."""
+
+    def __init__(self, clock: RowClock, count: int):
+        self.clock, self.count = clock, count
+
+    def __call__(self, input_ids, scores, **kwargs):
+        done = self.clock(input_ids, scores)
+        if self.count <= int(done.sum()) < done.shape[0]:
+            return torch.ones_like(done)
+        return done
 
 
 class StopOnStrings(StoppingCriteria):

@@ -1,0 +1,139 @@
+"""One micro-batch of before/after rows: the transformers backend's generation vs one padded generate call.
+
+What a batch of 8 users' before/after clicks costs the app: 8 DialogSum dialogues, each once for the
+base model and once for the DialogSum adapter (16 rows, the app's 96-token cap, the task's stops),
+through `backend.generate`. Variants, on one backend in one process, run interleaved (A, B, B, A, ...)
+so drift on a shared CPU cancels:
+  one-call   one padded `model.generate` over all rows (the backend before 2026-11-27): rows are
+             prefilled padded to the longest prompt with the adapters mixed in one forward, and a
+             finished row rides along until the last one is done
+  grouped    prefill in groups of one system and similar length stacked into one KV cache
+             (`prefill_group`), and rows leave the batch as they finish (`leave_early`): the default
+  grouped-only / leave-only   each half alone
+Prints seconds per batch (median), the ratio against one-call, and how many outputs match one-call's
+(bf16 rounds differently for different batch shapes, so near-tie tokens can flip; fp32 matches).
+--rouge N then evaluates the first N DialogSum validation dialogues (base and adapter, batches of 16
+rows, as `evaluate` does) with one-call and with grouped: ROUGE-1/2/L of each, and the time taken.
+
+Usage:
+  python benchmarks/batch_generation.py                    # embedded, 8 dialogues, 3 iterations, ~6 min
+  python benchmarks/batch_generation.py --dialogues 4 --iterations 5
+  python benchmarks/batch_generation.py --iterations 1 --rouge 100   # + quality parity, ~10 min more
+  python benchmarks/batch_generation.py --profile tiny --dtype fp32 --quick   # seconds; outputs must match
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path[:0] = [str(HERE), str(ROOT)]  # _util and phisum, from any working directory
+from _util import load_dialogues, load_line, make_standin_adapters, median, print_table
+
+VARIANTS = {  # name -> (prefill_group, leave_early)
+    "one-call": (0, False),
+    "grouped": (4, True),
+    "grouped-only": (4, False),
+    "leave-only": (0, True),
+}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", default="embedded", help="embedded (default) or tiny")
+    parser.add_argument("--dialogues", type=int, default=8, help="dialogues per batch (2 rows each)")
+    parser.add_argument("--iterations", type=int, default=3, help="interleaved rounds")
+    parser.add_argument("--max-new-tokens", type=int, default=96)
+    parser.add_argument("--dtype", choices=("bf16", "fp32"), default=None, help="default: the profile's")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated: {', '.join(VARIANTS)}")
+    parser.add_argument("--rouge", type=int, default=0, metavar="N",
+                        help="also score N DialogSum validation dialogues with one-call and grouped")
+    parser.add_argument("--quick", action="store_true", help="1 round of 2 dialogues, 16 tokens")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.iterations, args.dialogues, args.max_new_tokens = 1, 2, 16
+    names = [n.strip() for n in args.variants.split(",") if n.strip()]
+    if not names or any(n not in VARIANTS for n in names):
+        parser.error(f"--variants: choose from {', '.join(VARIANTS)}")
+    names = ["one-call"] + [n for n in names if n != "one-call"]  # the baseline always runs
+
+    import tempfile
+
+    from phisum import inference
+    from phisum.backends.hf import TransformersBackend
+    from phisum.generation import BASE, GenerationSettings
+    from phisum.profiles import get_profile
+    from phisum.tasks import TASKS
+
+    profile = get_profile(args.profile)
+    adapter = {k: v for k, v in profile.adapter_sources().items() if k == "dialogsum" and Path(v).exists()}
+    note = ""
+    if not adapter:
+        adapter = {"dialogsum": make_standin_adapters(profile, Path(tempfile.mkdtemp()))["dialogsum"]}
+        note = " (a stand-in adapter: the profile ships none)"
+    backend = TransformersBackend.load(profile, adapter, dtype=args.dtype, progress=False)
+    task = TASKS["dialogsum"]
+    dialogues, source = load_dialogues(args.dialogues)
+    settings = GenerationSettings(max_new_tokens=args.max_new_tokens)
+    prompts = [inference.fit_text(backend, task, d, settings.max_new_tokens)[0] for d in dialogues]
+    rows, systems = prompts + prompts, [BASE] * len(prompts) + ["dialogsum"] * len(prompts)
+    print(f"{args.profile} ({backend.dtype}), {len(rows)} rows from {source}{note}; {load_line()}", flush=True)
+
+    def run(name):
+        backend.prefill_group, backend.leave_early = VARIANTS[name]
+        with backend.lock:
+            start = time.perf_counter()
+            outs = backend._generate_locked(rows, systems, settings, task.stops)
+        return time.perf_counter() - start, [o.text for o in outs], sum(o.new_tokens for o in outs)
+
+    run("grouped")  # warm-up
+    seconds, texts, tokens = {n: [] for n in names}, {}, {}
+    for r in range(args.iterations):
+        for name in names if r % 2 == 0 else names[::-1]:
+            s, texts[name], tokens[name] = run(name)
+            seconds[name].append(s)
+    base = median(seconds["one-call"])
+    table = [[n, median(seconds[n]), base / median(seconds[n]), tokens[n],
+              f"{sum(a == b for a, b in zip(texts[n], texts['one-call']))}/{len(rows)}"] for n in names]
+    print_table(f"One batch of {len(rows)} before/after rows, {args.max_new_tokens}-token cap (median of "
+                f"{args.iterations} rounds)", ["variant", "s/batch", "x one-call", "tokens", "same text"], table)
+    if args.rouge:
+        score_both(backend, args.rouge, task)
+    print(f"after: {load_line()}")
+    return 0
+
+
+def score_both(backend, n: int, task) -> None:
+    """ROUGE (max over references) of one-call and grouped generation on n validation dialogues."""
+    import json
+
+    from phisum.evaluation import compute_rouge, generate_outputs
+    from phisum.generation import BASE, GenerationSettings
+
+    path = ROOT.parent / "shared" / "data" / "dialogsum" / "validation.jsonl"
+    if not path.exists():
+        print(f"--rouge skipped: {path} is absent (see ../shared/data/README.md)")
+        return
+    items = [json.loads(line) for line in path.read_text().splitlines() if line.strip()][:n]
+    refs = [[v for k, v in sorted(item.items()) if k.startswith("summary")] for item in items]
+    rows = []
+    for name in ("one-call", "grouped"):
+        backend.prefill_group, backend.leave_early = VARIANTS[name]
+        start = time.perf_counter()
+        outs = generate_outputs(backend, [i["dialogue"] for i in items], [BASE, "dialogsum"],
+                                GenerationSettings(max_new_tokens=128), task, batch_size=16)
+        seconds = time.perf_counter() - start
+        for system in (BASE, "dialogsum"):
+            scores = compute_rouge([g.text for g in outs[system]], refs)
+            rows.append([name, system, *(sum(s[m] for s in scores) / len(scores)
+                                         for m in ("rouge1", "rouge2", "rougeL")), seconds])
+    print_table(f"ROUGE on the first {len(items)} validation dialogues (max over references; 128-token cap)",
+                ["variant", "system", "ROUGE-1", "ROUGE-2", "ROUGE-L", "seconds (both systems)"], rows)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
