@@ -310,3 +310,42 @@ def test_missing_adapters_are_recorded_not_fatal(tmp_path):
     assert inference.summarize(backend, DIALOGUES[:1], BASE, SHORT)[0].new_tokens > 0
     with pytest.raises(InputError, match="not found"):
         inference.summarize(backend, DIALOGUES[:1], "dialogsum", SHORT)
+
+
+def test_grouped_prefill_keeps_a_sliding_window_model_exact():
+    """Gemma 3 keeps only the last `sliding_window` keys in most layers. Prompts longer than the
+    window, prefilled in groups and stacked into one cache, must give what one padded generate
+    call gives (fp32, a tiny random Gemma 3 with a 12-token window; the tiny Phi has none)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    from phisum.backends.hf import TransformersBackend
+    from phisum.models import build_tiny_tokenizer
+    from phisum.profiles import get_profile
+
+    config = Gemma3TextConfig(vocab_size=257, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                              num_attention_heads=2, num_key_value_heads=1, head_dim=32, sliding_window=12,
+                              layer_types=["sliding_attention"] * 3 + ["full_attention"],
+                              max_position_embeddings=512, bos_token_id=256, eos_token_id=256, pad_token_id=256)
+    torch.manual_seed(0)
+    model = Gemma3ForCausalLM(config).eval()
+    model.generation_config.pad_token_id = 256
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    model = get_peft_model(model, lora, adapter_name="dialogsum").eval()
+    backend = TransformersBackend(model, build_tiny_tokenizer(), get_profile("tiny"))
+    backend.adapters["dialogsum"] = "in memory"
+    prompts = ["short one", "a prompt well past the twelve-token window, and then some more words",
+               "mid-length prompt here", "x" * 40]
+    systems = [BASE, BASE, "dialogsum", "dialogsum"]
+    settings = GenerationSettings(max_new_tokens=10)
+
+    def run(group, leave):
+        backend.prefill_group, backend.leave_early = group, leave
+        with backend.lock:
+            return [g.text for g in backend._generate_locked(prompts * 2, systems * 2, settings, ())]
+
+    one_call = run(0, False)
+    assert run(4, True) == one_call
+    assert run(1, False) == one_call
+    assert backend._prefill([[1, 2, 3]] * 2, [BASE] * 2) is not None  # the grouped path really ran
