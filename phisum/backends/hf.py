@@ -223,7 +223,7 @@ class TransformersBackend(Backend):
         alive, new_ids = list(range(len(batch))), {}
         while alive:
             left = settings.max_new_tokens - (ids.shape[1] - prompt_len)
-            criteria = StoppingCriteriaList([LeaveEarly(clock, 1) if self.leave_early else clock])
+            criteria = StoppingCriteriaList([LeaveEarly(clock) if self.leave_early else clock])
             if cancel is not None:
                 criteria.append(CancelOnEvent(cancel))
             kwargs = {**settings.generate_kwargs(), "max_new_tokens": left}
@@ -360,15 +360,15 @@ class RowClock(StoppingCriteria):
 
 
 class LeaveEarly(StoppingCriteria):
-    """The clock's per-row stops, and the whole call once `count` rows are done while others
+    """The clock's per-row stops, and the whole call as soon as a row is done while others
     still run, so the caller can drop the finished rows and go on without them."""
 
-    def __init__(self, clock: RowClock, count: int):
-        self.clock, self.count = clock, count
+    def __init__(self, clock: RowClock):
+        self.clock = clock
 
     def __call__(self, input_ids, scores, **kwargs):
         done = self.clock(input_ids, scores)
-        if self.count <= int(done.sum()) < done.shape[0]:
+        if 0 < int(done.sum()) < done.shape[0]:
             return torch.ones_like(done)
         return done
 
