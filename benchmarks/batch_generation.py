@@ -73,7 +73,7 @@ def main(argv=None) -> int:
     adapter = {k: v for k, v in profile.adapter_sources().items() if k == "dialogsum" and Path(v).exists()}
     note = ""
     if not adapter:
-        adapter = {"dialogsum": make_standin_adapters(profile, Path(tempfile.mkdtemp()))["dialogsum"]}
+        adapter = make_standin_adapters(profile, Path(tempfile.mkdtemp()), names=("dialogsum",))
         note = " (a stand-in adapter: the profile ships none)"
     backend = TransformersBackend.load(profile, adapter, dtype=args.dtype, progress=False)
     task = TASKS["dialogsum"]
@@ -108,32 +108,25 @@ def main(argv=None) -> int:
 
 
 def score_both(backend, n: int, task) -> None:
-    """ROUGE (max over references) of one-call and grouped generation on n validation dialogues."""
-    import json
-
-    from phisum.evaluation import compute_rouge, generate_outputs
+    """`evaluation.evaluate` (ROUGE, max over references) with one-call and with grouped generation."""
+    from phisum.data import load_dialogsum
+    from phisum.evaluation import evaluate
     from phisum.generation import BASE, GenerationSettings
 
-    path = ROOT.parent / "shared" / "data" / "dialogsum" / "validation.jsonl"
-    if not path.exists():
-        print(f"--rouge skipped: {path} is absent (see ../shared/data/README.md)")
+    folder = ROOT.parent / "shared" / "data" / "dialogsum"
+    if not folder.exists():
+        print(f"--rouge skipped: {folder} is absent (see ../shared/data/README.md)")
         return
-    items = [json.loads(line) for line in path.read_text().splitlines() if line.strip()][:n]
-    refs = [[v for k, v in sorted(item.items()) if k.startswith("summary")] for item in items]
+    items = load_dialogsum(folder, "validation")[0][:n]
     rows = []
     for name in ("one-call", "grouped"):
         backend.prefill_group, backend.leave_early = VARIANTS[name]
-        start = time.perf_counter()
-        outs = generate_outputs(backend, [i["dialogue"] for i in items], [BASE, "dialogsum"],
-                                GenerationSettings(max_new_tokens=128), task, batch_size=16)
-        seconds = time.perf_counter() - start
-        for system in (BASE, "dialogsum"):
-            scores = compute_rouge([g.text for g in outs[system]], refs)
-            rows.append([name, system, *(sum(s[m] for s in scores) / len(scores)
-                                         for m in ("rouge1", "rouge2", "rougeL")), seconds])
+        report = evaluate(backend, items, [BASE, "dialogsum"], task, GenerationSettings(max_new_tokens=128),
+                          batch_size=16)
+        rows += [[name, system, *(report.aggregate[system][m] for m in ("rouge1", "rouge2", "rougeL")),
+                  report.seconds] for system in report.systems]
     print_table(f"ROUGE on the first {len(items)} validation dialogues (max over references; 128-token cap)",
                 ["variant", "system", "ROUGE-1", "ROUGE-2", "ROUGE-L", "seconds (both systems)"], rows)
-
 
 if __name__ == "__main__":
     sys.exit(main())

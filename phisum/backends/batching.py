@@ -59,7 +59,6 @@ class MicroBatcher:
         if not rows:
             return []
         with self.cv:
-            log.debug("submit %d rows; %d queued before", len(rows), len(self.queue))
             self.queue.extend((job, i, batch_size) for i in range(len(rows)))
             if self.worker is None or not self.worker.is_alive():
                 self.worker = threading.Thread(target=self._work, name="phisum-batcher", daemon=True)
@@ -109,7 +108,7 @@ class MicroBatcher:
             with self.cv:  # counted before any caller of this batch is released to submit again
                 for job, _, _ in batch:
                     job.pending -= 1
-                answered = [job for job, _, _ in batch if job.pending == 0 or job.error is not None]
+                answered = [job for job, _, _ in batch if job.pending == 0 or job.error is not None]  # per row
                 active = {id(job) for job, _, _ in batch} | {id(job) for job, _, _ in self.queue}
                 # callers answered now may come back with as many rows; queued ones are waiting already
                 self.expected = len(answered) + len(self.queue) if len(active) > 1 else 0

@@ -214,7 +214,7 @@ class TransformersBackend(Backend):
         tokens = self.tokenizer(list(batch)).input_ids
         enc = self._pad(tokens)
         prompt_len = enc["input_ids"].shape[1]
-        clock = RowClock(self.tokenizer, self.eos_ids, stops, prompt_len)
+        clock = RowClock(self.tokenizer, self.eos_ids, stops, prompt_len, len(batch))
         if settings.seed is not None:
             torch.manual_seed(settings.seed)
         with torch.inference_mode():
@@ -334,12 +334,12 @@ class RowClock(StoppingCriteria):
     transformers' own stop_strings pre-computes tables over the whole vocabulary (262k
     tokens for Gemma); decoding a short tail per step is cheaper here."""
 
-    def __init__(self, tokenizer, eos_ids, stops, prompt_length: int, tail_tokens: int = 12):
+    def __init__(self, tokenizer, eos_ids, stops, prompt_length: int, rows: int, tail_tokens: int = 12):
         self.tokenizer, self.eos_ids, self.stops = tokenizer, list(eos_ids), tuple(stops)
         self.prompt_length, self.tail = prompt_length, tail_tokens
         self.start = time.perf_counter()
         self.finished: dict[int, float] = {}
-        self.rows: list[int] | None = None
+        self.rows = list(range(rows))
 
     def __call__(self, input_ids, scores, **kwargs):
         new = input_ids[:, self.prompt_length:]
@@ -352,7 +352,7 @@ class RowClock(StoppingCriteria):
             done |= torch.tensor([first_stop(t, self.stops) >= 0 for t in tails], device=new.device)
         now = time.perf_counter()
         for row in done.nonzero().flatten().tolist():
-            self.finished.setdefault(self.rows[row] if self.rows is not None else row, now - self.start)
+            self.finished.setdefault(self.rows[row], now - self.start)
         return done
 
     def seconds(self, row: int, end: float) -> float:
