@@ -122,3 +122,29 @@ def make_standin_adapters(profile, folder: Path, names=("dialogsum", "oasst")) -
         base = model.unload()  # back to the plain base for the next adapter
         paths[name] = str(folder / name)
     return paths
+
+
+def random_base_profile(profile, files: Path):
+    """`profile` with its architecture built from `files` (config.json and the tokenizer's files;
+    `*.xz` ones are unpacked) and random weights, saved to a temporary folder: timing only, for
+    machines the weights cannot reach (the device machine takes 64 MiB). Generation never stops
+    early on random weights, so every row runs to the cap."""
+    import dataclasses
+    import lzma
+    import shutil
+    import tempfile
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = Path(tempfile.mkdtemp(prefix="random-base-"))
+    for f in files.iterdir():
+        if f.suffix == ".xz":
+            (folder / f.stem).write_bytes(lzma.decompress(f.read_bytes()))
+        elif f.is_file():
+            shutil.copy(f, folder / f.name)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=torch.bfloat16).save_pretrained(folder)
+    return dataclasses.replace(profile, name=f"{profile.name}-random", base_model=str(folder), loader="pretrained",
+                               gguf_package=None, base_aliases=(profile.base_model, *profile.base_aliases),
+                               description=f"{profile.description}, random weights")

@@ -20,6 +20,7 @@ Usage:
   python benchmarks/batch_generation.py --dialogues 4 --iterations 5
   python benchmarks/batch_generation.py --iterations 1 --rouge 100   # + quality parity, ~10 min more
   python benchmarks/batch_generation.py --profile tiny --dtype fp32 --quick   # seconds; outputs must match
+  python benchmarks/batch_generation.py --random-base DIR --dialogues 1   # a GPU machine without the weights
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path[:0] = [str(HERE), str(ROOT)]  # _util and phisum, from any working directory
-from _util import load_dialogues, load_line, make_standin_adapters, median, print_table
+from _util import load_dialogues, load_line, make_standin_adapters, median, print_table, random_base_profile
 
 VARIANTS = {  # name -> (prefill_group, leave_early)
     "one-call": (0, False),
@@ -52,6 +53,8 @@ def main(argv=None) -> int:
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated: {', '.join(VARIANTS)}")
     parser.add_argument("--rouge", type=int, default=0, metavar="N",
                         help="also score N DialogSum validation dialogues with one-call and grouped")
+    parser.add_argument("--random-base", metavar="DIR", help="the profile's architecture with random weights, "
+                        "from DIR's config.json and tokenizer files (timing only; rows run to the cap)")
     parser.add_argument("--quick", action="store_true", help="1 round of 2 dialogues, 16 tokens")
     args = parser.parse_args(argv)
     if args.quick:
@@ -63,6 +66,8 @@ def main(argv=None) -> int:
 
     import tempfile
 
+    import torch
+
     from phisum import inference
     from phisum.backends.hf import TransformersBackend
     from phisum.generation import BASE, GenerationSettings
@@ -70,6 +75,8 @@ def main(argv=None) -> int:
     from phisum.tasks import TASKS
 
     profile = get_profile(args.profile)
+    if args.random_base:
+        profile = random_base_profile(profile, Path(args.random_base))
     adapter = {k: v for k, v in profile.adapter_sources().items() if k == "dialogsum" and Path(v).exists()}
     note = ""
     if not adapter:
@@ -81,7 +88,10 @@ def main(argv=None) -> int:
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens)
     prompts = [inference.fit_text(backend, task, d, settings.max_new_tokens)[0] for d in dialogues]
     rows, systems = prompts + prompts, [BASE] * len(prompts) + ["dialogsum"] * len(prompts)
-    print(f"{args.profile} ({backend.dtype}), {len(rows)} rows from {source}{note}; {load_line()}", flush=True)
+    device = backend.device
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    print(f"{profile.name} ({backend.dtype} on {where}), {len(rows)} rows from {source}{note}; {load_line()}",
+          flush=True)
 
     def run(name):
         backend.prefill_group, backend.leave_early = VARIANTS[name]

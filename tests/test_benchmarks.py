@@ -83,6 +83,18 @@ def test_batch_generation_on_tiny_fp32_every_variant_gives_the_one_call_outputs(
     assert "load average" in out
 
 
+def test_batch_generation_builds_a_random_base_from_config_and_tokenizer_files(tmp_path):
+    """--random-base: the architecture from config.json, random weights, the tokenizer from its files."""
+    from phisum.models import save_tiny
+
+    files = save_tiny(tmp_path / "files")
+    (files / "model.safetensors").unlink()  # what a machine without the weights has
+    out = run_benchmark("batch_generation.py", "--profile", "tiny", "--dtype", "fp32", "--quick",
+                        "--random-base", str(files))
+    assert "tiny-random (torch.float32 on cpu), 4 rows" in out, out
+    assert re.search(r"^  grouped +[\d.]+ +[\d.]+ +\d+ +4/4$", out, re.MULTILINE), out
+
+
 def test_eval_throughput_quick_on_tiny_compares_batched_with_one_at_a_time():
     if not (ROOT.parent / "shared" / "data" / "dialogsum").exists():
         pytest.skip("../shared/data/dialogsum is absent (see ../shared/data/README.md)")
