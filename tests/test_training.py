@@ -393,9 +393,13 @@ def test_freed_memory_is_trimmed_on_schedule_and_on_growth(tmp_path, data_dir):
     training.choose_fast_path(pargs, sft, margs)
     assert resident_bytes() > 10 * 2**20
 
+    groups = []
+
     def trims(**release):
         trainer = CompletionOnlySFTTrainer(model=model, args=sft, train_dataset=Dataset.from_list(rows),
                                            processing_class=tokenizer, autocast_bf16=False, **release)
+        plan = trainer.length_groups
+        trainer.length_groups = lambda *a: groups.append(len(planned := plan(*a))) or planned
         start = trainer.releases
         for _ in range(4):
             one_step_gradients(trainer, model)
@@ -404,7 +408,9 @@ def test_freed_memory_is_trimmed_on_schedule_and_on_growth(tmp_path, data_dir):
     assert trims(release_every=0, release_above=None) == (0, None)
     count, rss = trims(release_every=2, release_above=None)
     assert count == 2 and rss > 0
-    assert trims(release_every=0, release_above=1e-6)[0] == 4  # any RSS passes it: a trim after every step
+    groups.clear()
+    # any RSS passes it: a trim after every group's backward, several in a step, not one per step
+    assert trims(release_every=0, release_above=1e-6, max_group_tokens=1)[0] == sum(groups) > 4
     assert trims(release_every=0, release_above=1e6)[0] == 0
 
 
