@@ -11,9 +11,11 @@ Variants:
   trl           trl's SFTTrainer with its defaults (activation checkpointing, full logits)
   one-backward  the trainer as the issue found it: one backward per batch (all length groups'
                 graphs alive at once), whole-vocabulary logits, glibc keeping freed memory
-  phisum        the default: one forward+backward per length group (at most max_group_tokens
+  phisum        the default trainer: one forward+backward per length group (at most max_group_tokens
                 padded tokens), the LM head's loss in chunks (phisum.head_loss), eager attention,
-                glibc keeping freed memory, trimmed every 8 steps or once RSS doubles since the last trim
+                glibc keeping freed memory, trimmed every 8 steps or once RSS has grown 1.5x since the
+                last trim (checked after each group); `phisum train` on a CPU runs it as
+                "phisum+jemalloc[oversize_threshold:0;dirty_decay_ms:-1;muzzy_decay_ms:-1]"
   phisum-sdpa   the same with torch's scaled_dot_product_attention (no score matrices kept)
   phisum-plainhead  the same with the head + cross-entropy over a group's completion tokens at once
                 (vocabulary-wide logits alive until the backward)

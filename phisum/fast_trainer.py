@@ -87,7 +87,7 @@ class CompletionOnlySFTTrainer(SFTTrainer):
     """SFTTrainer whose loss computes the LM head only where labels != -100."""
 
     def __init__(self, *args, autocast_bf16: bool = True, unpad_overhead_tokens: int | None = 64,
-                 max_group_tokens: int | None = 768, release_every: int = 8, release_above: float | None = 2.0,
+                 max_group_tokens: int | None = 1536, release_every: int = 8, release_above: float | None = 1.5,
                  keep_memory: bool = True, chunked_head: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
         on_cpu = self.args.device.type == "cpu"

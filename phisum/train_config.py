@@ -39,8 +39,8 @@ class PhisumArguments:
             most this many padded tokens, so only one group's activations are alive at a time
             (0: one backward per batch, every group's graph alive).
         cpu_release_above: the fast CPU trainer hands freed memory back to the system every 8
-            steps, and sooner once RSS passes this multiple of its level after the last release
-            (0: on the schedule only).
+            steps, and sooner once RSS passes this multiple of its level after the last release,
+            checked after each group's backward (0: on the schedule only).
     """
 
     profile: str | None = field(default=None, metadata={"help": f"{', '.join(PROFILES)}, or none to use "
@@ -58,9 +58,9 @@ class PhisumArguments:
     init_adapter: str | None = field(default=None, metadata={"help": "train on from this adapter's weights "
                                                                      "(same rank and targets), not a fresh LoRA"})
     fast_cpu: bool | None = field(default=None, metadata={"help": "fast CPU trainer (default: on when no CUDA)"})
-    cpu_group_tokens: int = field(default=768, metadata={"help": "fast CPU trainer: padded tokens per "
+    cpu_group_tokens: int = field(default=1536, metadata={"help": "fast CPU trainer: padded tokens per "
                                                                  "forward+backward group (0: one per batch)"})
-    cpu_release_above: float = field(default=2.0, metadata={"help": "fast CPU trainer: release freed memory once "
+    cpu_release_above: float = field(default=1.5, metadata={"help": "fast CPU trainer: release freed memory once "
                                                                      "RSS passes this multiple of its last low "
                                                                      "(0: every 8 steps only)"})
 

@@ -44,6 +44,28 @@ def test_preloaded_jemalloc_is_detected_and_purged():
     assert python(code, allocator.jemalloc_environment(plain)) == "jemalloc True"
 
 
+@needs_jemalloc
+@pytest.mark.parametrize(("given", "expected"), [(None, allocator.TRAINING_CONF), ("narenas:1", "narenas:1")])
+def test_relaunch_keeps_freed_memory_for_the_cpu_trainer_unless_the_user_set_a_conf(given, expected):
+    code = ("import os; from phisum import allocator; allocator.relaunch_under_jemalloc(); "
+            "print(allocator.active(), os.environ.get('MALLOC_CONF'))")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("LD_PRELOAD", "MALLOC_CONF", "_PHISUM_RELAUNCHED", allocator.ENV)}
+    result = subprocess.run([sys.executable, "-c", code], env={**env, **({"MALLOC_CONF": given} if given else {})},
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "<jemalloc>" not in result.stderr, result.stderr  # jemalloc takes the conf
+    if given is None and allocator.nvidia_device_present():
+        expected = None  # a GPU run keeps jemalloc's defaults
+    assert result.stdout.strip() == f"jemalloc {expected}"
+
+
+def test_a_gpu_is_seen_by_its_device_node(tmp_path):
+    (tmp_path / "nvidiactl").touch()
+    assert not allocator.nvidia_device_present(str(tmp_path))
+    (tmp_path / "nvidia0").touch()
+    assert allocator.nvidia_device_present(str(tmp_path))
+
+
 def run_train(tmp_path, env: dict) -> subprocess.CompletedProcess:
     from tests.test_training import write_recipe
 

@@ -110,9 +110,9 @@ def test_fast_path_settings(tmp_path, data_dir):
     assert margs.attn_implementation == "sdpa"  # a recipe's explicit choice stands
 
 
-@pytest.mark.parametrize("overrides, expected", [({}, (768, 2.0)), ({"cpu_group_tokens": 1536}, (1536, 2.0)),
+@pytest.mark.parametrize("overrides, expected", [({}, (1536, 1.5)), ({"cpu_group_tokens": 768}, (768, 1.5)),
                                                  ({"cpu_group_tokens": 0, "cpu_release_above": 0}, (None, None)),
-                                                 ({"cpu_release_above": 1.5}, (768, 1.5))])
+                                                 ({"cpu_release_above": 2}, (1536, 2.0))])
 def test_recipe_sets_the_cpu_trainers_memory_settings(tmp_path, data_dir, overrides, expected):
     """cpu_group_tokens and cpu_release_above reach the trainer; 0 turns each off."""
     pargs, sft, margs = parse_recipe(["--config", str(write_recipe(tmp_path, data_dir, **overrides))])
