@@ -136,14 +136,22 @@ class CompletionOnlySFTTrainer(SFTTrainer):
         return (loss, {"loss": loss}) if return_outputs else loss
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        """Forward and backward one length group at a time.
+        """Forward and backward one length group at a time, then hand freed memory back when due.
 
         Each group's activations are freed by its own backward, so peak memory follows the
         largest group (at most `max_group_tokens` padded tokens), not the batch; gradients
         add up across groups exactly as across accumulation steps. DDP keeps one backward
         per step (its gradient hooks fire once), so it goes through compute_loss."""
         if self.accelerator.num_processes > 1 or self.max_group_tokens is None:
-            return super().training_step(model, inputs, num_items_in_batch)
+            total = super().training_step(model, inputs, num_items_in_batch)
+        else:
+            total = self._step_by_groups(model, inputs, num_items_in_batch)
+        self.steps_since_release += 1
+        if (self.release_every and self.steps_since_release >= self.release_every) or self._grown_past_bound():
+            self._release_freed_memory()
+        return total
+
+    def _step_by_groups(self, model, inputs, num_items_in_batch):
         model.train()
         if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
             self.optimizer.train()
@@ -152,19 +160,17 @@ class CompletionOnlySFTTrainer(SFTTrainer):
         if num_items_in_batch is None:  # a per-batch mean: scale for accumulation like Trainer does
             count = count * self.current_gradient_accumulation_steps
         total = torch.zeros((), device=inputs["input_ids"].device)
-        for rows, length in self.length_groups(inputs["input_ids"], inputs.get("attention_mask")):
+        groups = self.length_groups(inputs["input_ids"], inputs.get("attention_mask"))
+        for index, (rows, length) in enumerate(groups):
             with self.compute_loss_context_manager():
                 loss = self._group_loss(model, inputs, rows, length) / count
             self.accelerator.backward(loss)
             total += loss.detach()
             # Checked between groups too: each group leaves freed memory in shapes of its own, and
             # within one step of several groups that piles up past the bound before the step ends.
-            if self._grown_past_bound():
+            if index < len(groups) - 1 and self._grown_past_bound():
                 self._release_freed_memory()
         self._count_trained_tokens(inputs)
-        self.steps_since_release += 1
-        if self.release_every and self.steps_since_release >= self.release_every:
-            self._release_freed_memory()
         return total
 
     def _grown_past_bound(self) -> bool:

@@ -412,6 +412,8 @@ def test_freed_memory_is_trimmed_on_schedule_and_on_growth(tmp_path, data_dir):
     # any RSS passes it: a trim after every group's backward, several in a step, not one per step
     assert trims(release_every=0, release_above=1e-6, max_group_tokens=1)[0] == sum(groups) > 4
     assert trims(release_every=0, release_above=1e6)[0] == 0
+    # one backward per batch (as under DDP) is released on the same schedule, not never
+    assert trims(release_every=2, release_above=None, max_group_tokens=None)[0] == 2
 
 
 def test_chunked_head_gives_the_plain_head_gradients(tmp_path, data_dir):
