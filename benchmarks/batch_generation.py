@@ -8,8 +8,11 @@ so drift on a shared CPU cancels:
              prefilled padded to the longest prompt with the adapters mixed in one forward, and a
              finished row rides along until the last one is done
   grouped    prefill in groups of one system and similar length stacked into one KV cache
-             (`prefill_group`), and rows leave the batch as they finish (`leave_early`): the default
-  grouped-only / leave-only   each half alone
+             (`prefill_group`), rows leave the batch as they finish (`leave_early`), and the adapter's
+             update is masked off the base rows instead of peft routing rows by adapter_names in
+             every LoRA layer (`mask_one_adapter`): the default
+  grouped-routed   grouped, with peft's adapter_names routing (the default before the mask)
+  grouped-only / leave-only   each of the first two halves alone (with the mask)
 Prints seconds per batch (median), the ratio against one-call, and how many outputs match one-call's
 (bf16 rounds differently for different batch shapes, so near-tie tokens can flip; fp32 matches).
 --rouge N then evaluates the first N DialogSum validation dialogues (base and adapter, batches of 16
@@ -35,11 +38,12 @@ ROOT = HERE.parent
 sys.path[:0] = [str(HERE), str(ROOT)]  # _util and phisum, from any working directory
 from _util import load_dialogues, load_line, make_standin_adapters, median, print_table, random_base_profile
 
-VARIANTS = {  # name -> (prefill_group, leave_early)
-    "one-call": (0, False),
-    "grouped": (4, True),
-    "grouped-only": (4, False),
-    "leave-only": (0, True),
+VARIANTS = {  # name -> (prefill_group, leave_early, mask_one_adapter)
+    "one-call": (0, False, False),
+    "grouped": (4, True, True),
+    "grouped-routed": (4, True, False),
+    "grouped-only": (4, False, True),
+    "leave-only": (0, True, True),
 }
 
 
@@ -94,7 +98,7 @@ def main(argv=None) -> int:
           flush=True)
 
     def run(name):
-        backend.prefill_group, backend.leave_early = VARIANTS[name]
+        backend.prefill_group, backend.leave_early, backend.mask_one_adapter = VARIANTS[name]
         with backend.lock:
             start = time.perf_counter()
             outs = backend._generate_locked(rows, systems, settings, task.stops)
@@ -130,7 +134,7 @@ def score_both(backend, n: int, task) -> None:
     items = load_dialogsum(folder, "validation")[0][:n]
     rows = []
     for name in ("one-call", "grouped"):
-        backend.prefill_group, backend.leave_early = VARIANTS[name]
+        backend.prefill_group, backend.leave_early, backend.mask_one_adapter = VARIANTS[name]
         report = evaluate(backend, items, [BASE, "dialogsum"], task, GenerationSettings(max_new_tokens=128),
                           batch_size=16)
         rows += [[name, system, *(report.aggregate[system][m] for m in ("rouge1", "rouge2", "rougeL")),

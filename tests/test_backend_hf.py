@@ -349,3 +349,53 @@ def test_grouped_prefill_keeps_a_sliding_window_model_exact():
     assert run(4, True) == one_call
     assert run(1, False) == one_call
     assert backend._prefill([[1, 2, 3]] * 2, [BASE] * 2) is not None  # the grouped path really ran
+
+
+def spy_generate(backend):
+    """Records whether each model.generate call routed rows by peft's adapter_names."""
+    calls, original = [], backend.model.generate
+
+    def recording(**kwargs):
+        calls.append("adapter_names" in kwargs)
+        return original(**kwargs)
+
+    backend.model.generate = recording
+    return calls
+
+
+@pytest.mark.parametrize("systems,routed", [([BASE, "dialogsum", BASE, "dialogsum"], False),
+                                            ([BASE, "dialogsum", "oasst", BASE], True)])
+def test_a_batch_mixing_base_and_adapter_rows_matches_each_row_alone(tiny_backend, systems, routed):
+    """Base rows with one adapter's rows (a before/after click) run with the adapter on and its
+    update masked off the base rows; two adapters in one batch go through peft's per-row routing.
+    Either way every row is what it is alone (fp32), and the adapter is left as it was."""
+    prompts = [f"#Person1#: item {i}, please?\n#Person2#: here, item {i}." for i in range(4)]
+    alone = [tiny_backend.generate([p], s, SHORT)[0].text for p, s in zip(prompts, systems)]
+    calls = spy_generate(tiny_backend)
+    try:
+        together = texts(tiny_backend.generate(prompts, systems, SHORT))
+    finally:
+        del tiny_backend.model.generate
+    assert together == alone and calls and set(calls) == {routed}
+    assert len(set(alone)) > 2  # the systems really differ
+    lora_hooks = [m for n, m in tiny_backend.model.named_modules() if ".lora_A." in n and m._forward_hooks]
+    assert not lora_hooks  # the mask's hooks are gone
+    assert texts(inference.summarize(tiny_backend, DIALOGUES, "dialogsum", SHORT)) == \
+        texts(inference.summarize(tiny_backend, DIALOGUES, "dialogsum", SHORT, batch_size=1))
+
+
+def test_a_dora_adapter_mixed_with_other_rows_runs_one_call_per_system(tmp_path):
+    """DoRA rescales the base weight, so zeroing its low-rank update would not give base rows the
+    base output, and peft refuses to route rows to it by adapter_names: a batch mixing it with
+    other systems runs each system's rows in a call of their own, and every row matches alone."""
+    from tests.conftest import tiny_peft_model
+
+    tiny_peft_model(True, seed=3, use_dora=True).save_pretrained(tmp_path / "dora")
+    backend = load_backend("tiny", "transformers", {"dora": str(tmp_path / "dora")}, progress=False)
+    assert not backend.missing and backend._plain_layers == {}
+    prompts = DIALOGUES * 2
+    systems = [BASE, "dora", "dora", BASE]
+    alone = [backend.generate([p], s, SHORT)[0].text for p, s in zip(prompts, systems)]
+    calls = spy_generate(backend)
+    assert texts(backend.generate(prompts, systems, SHORT)) == alone and len(calls) >= 2 and not any(calls)
+    assert backend._plain_layers == {"dora": []}

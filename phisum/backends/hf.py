@@ -1,11 +1,12 @@
 """The transformers backend: one base model in this process with named peft adapters.
 
 The reference backend, and the one training and bitsandbytes (4-/8-bit phi-2) use.
-peft's adapter switches (set_adapter, disable_adapter, the adapter_names hooks)
-change modules every caller shares, so every model call holds `self.lock`.
+peft's adapter switches (set_adapter, disable_adapter, the adapter_names hooks, the row
+mask's hooks) change modules every caller shares, so every model call holds `self.lock`.
 Concurrent `generate` calls are micro-batched: rows that arrive while the model is
-busy run together in the next batch (base and adapter rows mixed through peft's
-`adapter_names`), so N users cost about one batch instead of N turns.
+busy run together in the next batch (base rows beside one adapter's through a row mask on
+the adapter's update, other mixes through peft's `adapter_names`), so N users cost about
+one batch instead of N turns.
 """
 
 from __future__ import annotations
@@ -20,13 +21,14 @@ from phisum.startup import frozen_imports
 
 with frozen_imports():  # the model stack's import-time objects, out of the collector's reach
     import torch
-    from transformers import PreTrainedModel, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+    from transformers import PreTrainedModel, StoppingCriteriaList, TextIteratorStreamer
     from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
 from phisum.adapters import (AdapterError, AdapterSource, adapter_display, check_adapter, describe_adapter,
                              resolve_adapter)
 from phisum.backends.base import Backend
 from phisum.backends.batching import MicroBatcher
+from phisum.backends.stopping import CancelOnEvent, LeaveEarly, RowClock, StopOnStrings
 from phisum.generation import BASE, Generation, GenerationSettings, first_stop, held_back
 from phisum.models import load_base, pack_linear_weights
 from phisum.profiles import Profile
@@ -41,6 +43,7 @@ class TransformersBackend(Backend):
     default_batch_size = 2 * max_concurrency
     prefill_group = 4  # rows per prefill forward (one system, similar lengths); 0: generate prefills the batch
     leave_early = True  # finished rows leave the batch (False: one generate call runs every row to the end)
+    mask_one_adapter = True  # base rows beside one adapter's: mask its update by row (False: peft's adapter_names)
 
     def __init__(self, model: PreTrainedModel, tokenizer, profile: Profile, reason: str = "",
                  batch_size: int | None = None):
@@ -49,6 +52,7 @@ class TransformersBackend(Backend):
         self.batch_size = batch_size or self.default_batch_size
         self.lock = threading.Lock()
         self.packed_layers = 0
+        self._plain_layers: dict[str, list] = {}  # adapter -> its LoRA layers if all plain (see _one_adapter_by_row)
         backend = getattr(tokenizer, "backend_tokenizer", None)
         if backend is not None:  # so no later call needs to change shared state (see encode)
             backend.no_padding()
@@ -103,6 +107,7 @@ class TransformersBackend(Backend):
             self.model.eval()
         self.adapters[name] = adapter_display(str(path))
         self.paths[name] = path
+        self._plain_layers.pop(name, None)
         self.missing.pop(name, None)
 
     # ------------------------------------------------------------ queries
@@ -140,8 +145,18 @@ class TransformersBackend(Backend):
         return self._batcher.submit(rows, settings, tuple(stops), batch_size or self.batch_size)
 
     def _run_rows(self, rows, settings, stops) -> list[Generation]:
+        prompts, systems = [p for p, _ in rows], [s for _, s in rows]
         with self.lock:
-            return self._generate_locked([p for p, _ in rows], [s for _, s in rows], settings, stops)
+            if len(set(systems)) == 1 or all(self._plain_lora_layers(n) for n in set(systems) - {BASE}):
+                return self._generate_locked(prompts, systems, settings, stops)
+            # peft routes rows to DoRA and other LoRA variants one batch at a time only
+            results = [None] * len(rows)
+            for system in dict.fromkeys(systems):
+                index = [i for i, s in enumerate(systems) if s == system]
+                outputs = self._generate_locked([prompts[i] for i in index], [system] * len(index), settings, stops)
+                for i, out in zip(index, outputs):
+                    results[i] = out
+            return results
 
     def encode(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         """Left-padded input_ids and attention_mask for a batch of prompts.
@@ -277,8 +292,48 @@ class TransformersBackend(Backend):
         elif len(names) == 1:
             self.model.set_adapter(systems[0])
             yield {}
+        elif (self.mask_one_adapter and len(names - {BASE}) == 1
+              and (layers := self._plain_lora_layers(next(iter(names - {BASE}))))):
+            with self._one_adapter_by_row(layers, systems):
+                yield {}
         else:  # one batch, one adapter per row
             yield {"adapter_names": ["__base__" if s == BASE else s for s in systems]}
+
+    @contextmanager
+    def _one_adapter_by_row(self, layers, systems):
+        """Base rows and one adapter's rows in one batch (a before/after click): the adapter is
+        active for every row and its update is zeroed on the base rows, by multiplying each
+        lora_A output by a 0/1 row mask. Base rows then get their base output exactly (B(0) = 0
+        for a plain LoRA layer: see `_plain_lora_layers`).
+
+        peft's `adapter_names` splits the rows by adapter inside every LoRA layer at every step
+        (indexing, casts, matmuls and an index_put per adapter, built from Python lists): small
+        operations whose fixed cost outweighs a 2-row decode step's LoRA arithmetic."""
+        name = next(s for s in systems if s != BASE)
+        weight = layers[0].lora_A[name].weight
+        mask = torch.tensor([s == name for s in systems], dtype=weight.dtype, device=weight.device).view(-1, 1, 1)
+        self.model.set_adapter(name)
+        hooks = [layer.lora_A[name].register_forward_hook(lambda _module, _args, out: out.mul_(mask))
+                 for layer in layers]
+        try:
+            yield
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+    def _plain_lora_layers(self, name: str) -> list:
+        """The LoRA layers of adapter `name` if every one is plain LoRA (result + B(A(x)) * s,
+        B without a bias, not merged); [] otherwise (DoRA and other variants, embeddings), where
+        only peft's own per-row routing is exact."""
+        if name not in self._plain_layers:
+            from peft.tuners.lora import LoraLayer
+
+            layers = [m for m in self.model.modules() if isinstance(m, LoraLayer)
+                      and (name in m.lora_A or name in getattr(m, "lora_embedding_A", {}))]
+            plain = all(name in m.lora_A and type(m.lora_A[name]) is torch.nn.Linear and m.lora_B[name].bias is None
+                        and name not in getattr(m, "lora_variant", {}) and not m.merged for m in layers)
+            self._plain_layers[name] = layers if plain else []
+        return self._plain_layers[name]
 
     def stream(self, prompt, system, settings, stops=(), cancel=None) -> Iterator[str]:
         self.require(system)
@@ -322,76 +377,3 @@ class TransformersBackend(Backend):
                 thread.join()
         if errors:
             raise errors[0]
-
-
-# ---------------------------------------------------------------- stopping rules
-
-class RowClock(StoppingCriteria):
-    """Marks each row finished at its EOS or stop string and records when, so a row that
-    finished early reports its own time, not the batch's. Stops the batch when all are done.
-    `rows` maps the current batch's rows to the first batch's (rows leave as they finish).
-
-    transformers' own stop_strings pre-computes tables over the whole vocabulary (262k
-    tokens for Gemma); decoding a short tail per step is cheaper here."""
-
-    def __init__(self, tokenizer, eos_ids, stops, prompt_length: int, rows: int, tail_tokens: int = 12):
-        self.tokenizer, self.eos_ids, self.stops = tokenizer, list(eos_ids), tuple(stops)
-        self.prompt_length, self.tail = prompt_length, tail_tokens
-        self.start = time.perf_counter()
-        self.finished: dict[int, float] = {}
-        self.rows = list(range(rows))
-
-    def __call__(self, input_ids, scores, **kwargs):
-        new = input_ids[:, self.prompt_length:]
-        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        if new.shape[1] == 0:
-            return done
-        done |= torch.isin(new, torch.tensor(self.eos_ids, device=new.device)).any(dim=1)
-        if self.stops:
-            tails = self.tokenizer.batch_decode(new[:, -self.tail:], skip_special_tokens=True)
-            done |= torch.tensor([first_stop(t, self.stops) >= 0 for t in tails], device=new.device)
-        now = time.perf_counter()
-        for row in done.nonzero().flatten().tolist():
-            self.finished.setdefault(self.rows[row], now - self.start)
-        return done
-
-    def seconds(self, row: int, end: float) -> float:
-        return self.finished.get(row, end - self.start)
-
-
-class LeaveEarly(StoppingCriteria):
-    """The clock's per-row stops, and the whole call as soon as a row is done while others
-    still run, so the caller can drop the finished rows and go on without them."""
-
-    def __init__(self, clock: RowClock):
-        self.clock = clock
-
-    def __call__(self, input_ids, scores, **kwargs):
-        done = self.clock(input_ids, scores)
-        if 0 < int(done.sum()) < done.shape[0]:
-            return torch.ones_like(done)
-        return done
-
-
-class StopOnStrings(StoppingCriteria):
-    """Per-row stop when the newly generated text contains a stop string (streaming)."""
-
-    def __init__(self, tokenizer, stops, prompt_length: int, tail_tokens: int = 12):
-        self.tokenizer, self.stops = tokenizer, tuple(stops)
-        self.prompt_length, self.tail = prompt_length, tail_tokens
-
-    def __call__(self, input_ids, scores, **kwargs):
-        new = input_ids[:, self.prompt_length:]
-        if not self.stops or new.shape[1] == 0:
-            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        tails = self.tokenizer.batch_decode(new[:, -self.tail:], skip_special_tokens=True)
-        done = [first_stop(t, self.stops) >= 0 for t in tails]
-        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
-
-
-class CancelOnEvent(StoppingCriteria):
-    def __init__(self, event: threading.Event):
-        self.event = event
-
-    def __call__(self, input_ids, scores, **kwargs):
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
