@@ -13,8 +13,9 @@ so drift on a shared CPU cancels:
              every LoRA layer (`mask_one_adapter`): the default
   grouped-routed   grouped, with peft's adapter_names routing (the default before the mask)
   grouped-only / leave-only   each of the first two halves alone (with the mask)
-Prints seconds per batch (median), the ratio against one-call, and how many outputs match one-call's
-(bf16 rounds differently for different batch shapes, so near-tie tokens can flip; fp32 matches).
+Prints seconds per batch (median), the grouped prefill's share of them, the ratio against one-call,
+and how many outputs match one-call's (bf16 rounds differently for different batch shapes, so near-tie
+tokens can flip; fp32 matches).
 --rouge N then evaluates the first N DialogSum validation dialogues (base and adapter, batches of 16
 rows, as `evaluate` does) with one-call and with grouped: ROUGE-1/2/L of each, and the time taken.
 
@@ -97,24 +98,40 @@ def main(argv=None) -> int:
     print(f"{profile.name} ({backend.dtype} on {where}), {len(rows)} rows from {source}{note}; {load_line()}",
           flush=True)
 
+    prefill_seconds = []
+    grouped_prefill = backend._prefill
+
+    def timed_prefill(*a, **k):  # the grouped prefill's share of a batch (one-call prefills inside generate)
+        start = time.perf_counter()
+        try:
+            return grouped_prefill(*a, **k)
+        finally:
+            prefill_seconds.append(time.perf_counter() - start)
+
+    backend._prefill = timed_prefill
+
     def run(name):
         backend.prefill_group, backend.leave_early, backend.mask_one_adapter = VARIANTS[name]
+        prefill_seconds.clear()
         with backend.lock:
             start = time.perf_counter()
             outs = backend._generate_locked(rows, systems, settings, task.stops)
-        return time.perf_counter() - start, [o.text for o in outs], sum(o.new_tokens for o in outs)
+        seconds = time.perf_counter() - start
+        return seconds, sum(prefill_seconds), [o.text for o in outs], sum(o.new_tokens for o in outs)
 
     run("grouped")  # warm-up
-    seconds, texts, tokens = {n: [] for n in names}, {}, {}
+    seconds, prefill, texts, tokens = {n: [] for n in names}, {n: [] for n in names}, {}, {}
     for r in range(args.iterations):
         for name in names if r % 2 == 0 else names[::-1]:
-            s, texts[name], tokens[name] = run(name)
+            s, p, texts[name], tokens[name] = run(name)
             seconds[name].append(s)
+            prefill[name].append(p)
     base = median(seconds["one-call"])
-    table = [[n, median(seconds[n]), base / median(seconds[n]), tokens[n],
-              f"{sum(a == b for a, b in zip(texts[n], texts['one-call']))}/{len(rows)}"] for n in names]
+    table = [[n, median(seconds[n]), base / median(seconds[n]), median(prefill[n]) if VARIANTS[n][0] else "-",
+              tokens[n], f"{sum(a == b for a, b in zip(texts[n], texts['one-call']))}/{len(rows)}"] for n in names]
     print_table(f"One batch of {len(rows)} before/after rows, {args.max_new_tokens}-token cap (median of "
-                f"{args.iterations} rounds)", ["variant", "s/batch", "x one-call", "tokens", "same text"], table)
+                f"{args.iterations} rounds)", ["variant", "s/batch", "x one-call", "prefill s", "tokens",
+                                               "same text"], table)
     if args.rouge:
         score_both(backend, args.rouge, task)
     print(f"after: {load_line()}")

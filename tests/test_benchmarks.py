@@ -77,8 +77,9 @@ def test_serving_quick_on_tiny_serves_the_real_app_without_errors():
 def test_batch_generation_on_tiny_fp32_every_variant_gives_the_one_call_outputs():
     out = run_benchmark("batch_generation.py", "--profile", "tiny", "--dtype", "fp32", "--quick")
     rows = {line.split()[0]: line.split() for line in out.splitlines()
-            if line.split() and line.split()[0] in ("one-call", "grouped", "grouped-only", "leave-only")}
-    assert set(rows) == {"one-call", "grouped", "grouped-only", "leave-only"}, out
+            if line.split() and line.split()[0] in ("one-call", "grouped", "grouped-routed", "grouped-only",
+                                                    "leave-only")}
+    assert set(rows) == {"one-call", "grouped", "grouped-routed", "grouped-only", "leave-only"}, out
     assert all(r[-1] == "4/4" for r in rows.values()), out  # fp32: the strategies change speed, not text
     assert "load average" in out
 
@@ -92,7 +93,7 @@ def test_batch_generation_builds_a_random_base_from_config_and_tokenizer_files(t
     out = run_benchmark("batch_generation.py", "--profile", "tiny", "--dtype", "fp32", "--quick",
                         "--random-base", str(files))
     assert "tiny-random (torch.float32 on cpu), 4 rows" in out, out
-    assert re.search(r"^  grouped +[\d.]+ +[\d.]+ +\d+ +4/4$", out, re.MULTILINE), out
+    assert re.search(r"^  grouped +[\d.]+ +[\d.]+ +[\d.]+ +\d+ +4/4$", out, re.MULTILINE), out  # s, x, prefill s
 
 
 def test_eval_throughput_quick_on_tiny_compares_batched_with_one_at_a_time():
