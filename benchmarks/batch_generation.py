@@ -10,7 +10,12 @@ so drift on a shared CPU cancels:
   grouped    prefill in groups of one system and similar length stacked into one KV cache
              (`prefill_group`), rows leave the batch as they finish (`leave_early`), and the adapter's
              update is masked off the base rows instead of peft routing rows by adapter_names in
-             every LoRA layer (`mask_one_adapter`): the default
+             every LoRA layer (`mask_one_adapter`), decode appends to a KV cache buffered with room
+             for the tokens to come instead of torch.cat copying it every step (`buffer_kv`), and an
+             adapter's rows are prefilled on bf16 copies of its fp32 LoRA weights (`lora_prefill_bf16`):
+             the default
+  grouped-before   grouped without the last two (the default until 2026-11-27)
+  grouped-cat / grouped-fp32-lora   grouped without the buffered cache / without the bf16 prefill
   grouped-routed   grouped, with peft's adapter_names routing (the default before the mask)
   grouped-only / leave-only   each of the first two halves alone (with the mask)
 Prints seconds per batch (median), the grouped prefill's share of them, the ratio against one-call,
@@ -39,12 +44,16 @@ ROOT = HERE.parent
 sys.path[:0] = [str(HERE), str(ROOT)]  # _util and phisum, from any working directory
 from _util import load_dialogues, load_line, make_standin_adapters, median, print_table, random_base_profile
 
-VARIANTS = {  # name -> (prefill_group, leave_early, mask_one_adapter)
-    "one-call": (0, False, False),
-    "grouped": (4, True, True),
-    "grouped-routed": (4, True, False),
-    "grouped-only": (4, False, True),
-    "leave-only": (0, True, True),
+FIELDS = ("prefill_group", "leave_early", "mask_one_adapter", "buffer_kv", "lora_prefill_bf16")
+VARIANTS = {  # name -> the backend's settings, in FIELDS' order
+    "one-call": (0, False, False, False, False),
+    "grouped": (4, True, True, True, True),
+    "grouped-before": (4, True, True, False, False),
+    "grouped-cat": (4, True, True, False, True),
+    "grouped-fp32-lora": (4, True, True, True, False),
+    "grouped-routed": (4, True, False, True, True),
+    "grouped-only": (4, False, True, True, True),
+    "leave-only": (0, True, True, True, True),
 }
 
 
@@ -111,7 +120,8 @@ def main(argv=None) -> int:
     backend._prefill = timed_prefill
 
     def run(name):
-        backend.prefill_group, backend.leave_early, backend.mask_one_adapter = VARIANTS[name]
+        for field, value in zip(FIELDS, VARIANTS[name]):
+            setattr(backend, field, value)
         prefill_seconds.clear()
         with backend.lock:
             start = time.perf_counter()
@@ -151,7 +161,8 @@ def score_both(backend, n: int, task) -> None:
     items = load_dialogsum(folder, "validation")[0][:n]
     rows = []
     for name in ("one-call", "grouped"):
-        backend.prefill_group, backend.leave_early, backend.mask_one_adapter = VARIANTS[name]
+        for field, value in zip(FIELDS, VARIANTS[name]):
+            setattr(backend, field, value)
         report = evaluate(backend, items, [BASE, "dialogsum"], task, GenerationSettings(max_new_tokens=128),
                           batch_size=16)
         rows += [[name, system, *(report.aggregate[system][m] for m in ("rouge1", "rouge2", "rougeL")),

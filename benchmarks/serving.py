@@ -17,6 +17,10 @@ Variants:
                         0.5 s for every active user's rows)
   transformers-nowait   micro-batched as before 2026-11-27: 8 rows per batch, no wait (in closed
                         loop the first click after a batch then runs alone)
+  transformers-pools / transformers-serial-pools   transformers / transformers-serial as before
+                        2026-11-27 evening: the thread that loaded the model keeps its OpenMP worker
+                        pool, so the batcher thread's workers sleep between operations instead of
+                        spinning (see phisum/openmp.py)
   llamacpp              llama.cpp in process, --slots slots, --threads threads
   llamacpp-passive      the same with OMP_WAIT_POLICY=PASSIVE (threads sleep instead of spinning
                         between operations: slower on an idle machine, far steadier on a shared one)
@@ -44,6 +48,8 @@ VARIANTS = {  # name -> (backend, app concurrency or None for the backend's, env
     "transformers-serial": ("transformers", 1, {}, {}),
     "transformers": ("transformers", None, {}, {}),
     "transformers-nowait": ("transformers", None, {}, {"batch_size": 8, "max_wait": 0.0}),
+    "transformers-pools": ("transformers", None, {}, {"release_openmp": False}),
+    "transformers-serial-pools": ("transformers", 1, {}, {"release_openmp": False}),
     "llamacpp": ("llamacpp", None, {}, {}),
     "llamacpp-passive": ("llamacpp", None, {"OMP_WAIT_POLICY": "PASSIVE"}, {}),
 }
@@ -63,6 +69,10 @@ def load(name: str, args):
 
         adapters = make_standin_adapters(profile, Path(tempfile.mkdtemp(prefix="phisum-standin-")))
     batching = VARIANTS[name][3]
+    if "release_openmp" in batching:  # before loading: the loading thread's pool is the one that stays
+        from phisum.backends.hf import TransformersBackend
+
+        TransformersBackend.release_openmp = batching["release_openmp"]
     backend = load_backend(profile, kind, adapters, threads=args.threads, n_parallel=args.slots, progress=False,
                            batch_size=batching.get("batch_size"))
     if "max_wait" in batching:

@@ -23,6 +23,8 @@ from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
 
+from phisum.openmp import release_pool
+
 METRIC = "semsim"
 METRIC_LABEL = "MiniLM cosine"
 MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
@@ -115,8 +117,11 @@ def semantic_scores(predictions: Sequence[str], references: Sequence[Sequence[st
         return [[0.0] * len(item) for item in refs]
     model = load_model()
     with _LOCK:
-        vectors = model.encode(unique, batch_size=batch_size, show_progress_bar=False,
-                               convert_to_numpy=True, normalize_embeddings=True)
+        try:
+            vectors = model.encode(unique, batch_size=batch_size, show_progress_bar=False,
+                                   convert_to_numpy=True, normalize_embeddings=True)
+        finally:
+            release_pool()  # an app's worker thread lives on; an idle pool slows the model's threads
     row = {text: i for i, text in enumerate(unique)}
 
     table = []

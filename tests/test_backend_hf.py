@@ -340,15 +340,18 @@ def test_grouped_prefill_keeps_a_sliding_window_model_exact():
     systems = [BASE, BASE, "dialogsum", "dialogsum"]
     settings = GenerationSettings(max_new_tokens=10)
 
-    def run(group, leave):
-        backend.prefill_group, backend.leave_early = group, leave
+    def run(group, leave, buffer=True):
+        backend.prefill_group, backend.leave_early, backend.buffer_kv = group, leave, buffer
         with backend.lock:
             return [g.text for g in backend._generate_locked(prompts * 2, systems * 2, settings, ())]
 
     one_call = run(0, False)
     assert run(4, True) == one_call
     assert run(1, False) == one_call
-    assert backend._prefill([[1, 2, 3]] * 2, [BASE] * 2) is not None  # the grouped path really ran
+    assert run(4, True, buffer=False) == one_call
+    backend.buffer_kv = True
+    cache = backend._prefill([[1, 2, 3]] * 2, [BASE] * 2, room=4)  # the grouped path really ran, buffered
+    assert {type(layer).__name__ for layer in cache.layers} == {"BufferedLayer", "BufferedSlidingLayer"}
 
 
 def spy_generate(backend):
@@ -399,3 +402,28 @@ def test_a_dora_adapter_mixed_with_other_rows_runs_one_call_per_system(tmp_path)
     calls = spy_generate(backend)
     assert texts(backend.generate(prompts, systems, SHORT)) == alone and len(calls) >= 2 and not any(calls)
     assert backend._plain_layers == {"dora": []}
+
+
+def test_an_adapters_prefill_runs_on_bf16_copies_of_its_fp32_lora_weights(tiny_adapters, tiny_backend):
+    """Beside a bf16 base, peft keeps LoRA weights in fp32; the prompt's prefill runs on bf16
+    copies swapped in for the call, decode steps on the fp32 weights, which are left as they were.
+    An fp32 base has nothing to swap."""
+    import torch
+
+    backend = load_backend("tiny", "transformers", {"dialogsum": str(tiny_adapters["dialogsum"])}, dtype="bf16",
+                           progress=False)
+    lora_a = backend._plain_lora_layers("dialogsum")[0].lora_A["dialogsum"]
+    weight = lora_a.weight
+    assert weight.dtype == torch.float32 and backend.dtype == torch.bfloat16
+    seen = []
+    hook = lora_a.register_forward_hook(lambda module, args, _out: seen.append((args[0].shape[1], module.weight.dtype)))
+    try:
+        out = backend.generate(DIALOGUES, "dialogsum", SHORT)
+    finally:
+        hook.remove()
+    assert all(g.new_tokens > 0 for g in out)
+    assert {dtype for tokens, dtype in seen if tokens > 1} == {torch.bfloat16}  # the grouped prefill
+    assert {dtype for tokens, dtype in seen if tokens == 1} == {torch.float32}  # every decode step
+    assert lora_a.weight is weight and weight.dtype == torch.float32
+    tiny_backend.generate(DIALOGUES[:1], "dialogsum", SHORT)
+    assert tiny_backend._bf16_lora["dialogsum"] == []

@@ -22,15 +22,18 @@ from phisum.startup import frozen_imports
 with frozen_imports():  # the model stack's import-time objects, out of the collector's reach
     import torch
     from transformers import PreTrainedModel, StoppingCriteriaList, TextIteratorStreamer
-    from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
+    from transformers.cache_utils import DynamicCache
 
 from phisum.adapters import (AdapterError, AdapterSource, adapter_display, check_adapter, describe_adapter,
                              resolve_adapter)
 from phisum.backends.base import Backend
 from phisum.backends.batching import MicroBatcher
+from phisum.backends.kv_cache import as_dynamic, buffered_cache
+from phisum.backends.lora_state import bf16_copies, masked_by_row, plain_lora_layers, swapped_in
 from phisum.backends.stopping import CancelOnEvent, LeaveEarly, RowClock, StopOnStrings
 from phisum.generation import BASE, Generation, GenerationSettings, first_stop, held_back
 from phisum.models import load_base, pack_linear_weights
+from phisum.openmp import release_pool
 from phisum.profiles import Profile
 
 log = logging.getLogger(__name__)
@@ -44,6 +47,9 @@ class TransformersBackend(Backend):
     prefill_group = 4  # rows per prefill forward (one system, similar lengths); 0: generate prefills the batch
     leave_early = True  # finished rows leave the batch (False: one generate call runs every row to the end)
     mask_one_adapter = True  # base rows beside one adapter's: mask its update by row (False: peft's adapter_names)
+    buffer_kv = True  # decode appends into a buffered KV cache (False: transformers' torch.cat every step)
+    release_openmp = True  # hand back a thread's OpenMP pool after loading and after each batch (see phisum.openmp)
+    lora_prefill_bf16 = True  # prefill adapter rows with bf16 copies of fp32 LoRA weights beside a bf16 base
 
     def __init__(self, model: PreTrainedModel, tokenizer, profile: Profile, reason: str = "",
                  batch_size: int | None = None):
@@ -52,7 +58,8 @@ class TransformersBackend(Backend):
         self.batch_size = batch_size or self.default_batch_size
         self.lock = threading.Lock()
         self.packed_layers = 0
-        self._plain_layers: dict[str, list] = {}  # adapter -> its LoRA layers if all plain (see _one_adapter_by_row)
+        self._plain_layers: dict[str, list] = {}  # adapter -> its LoRA layers if all plain (see lora_state)
+        self._bf16_lora: dict[str, list] = {}  # adapter -> (param, fp32 data, bf16 copy) (see _adapter_in_base_dtype)
         backend = getattr(tokenizer, "backend_tokenizer", None)
         if backend is not None:  # so no later call needs to change shared state (see encode)
             backend.no_padding()
@@ -82,6 +89,8 @@ class TransformersBackend(Backend):
             except AdapterError as exc:
                 backend.missing[name] = str(exc)
                 log.warning("%s", exc)
+        if backend.release_openmp:
+            release_pool()  # the loading thread is rarely the one that runs the model
         return backend
 
     def add_adapter(self, name: str, spec, token: str | None = None) -> None:
@@ -108,6 +117,7 @@ class TransformersBackend(Backend):
         self.adapters[name] = adapter_display(str(path))
         self.paths[name] = path
         self._plain_layers.pop(name, None)
+        self._bf16_lora.pop(name, None)
         self.missing.pop(name, None)
 
     # ------------------------------------------------------------ queries
@@ -146,17 +156,21 @@ class TransformersBackend(Backend):
 
     def _run_rows(self, rows, settings, stops) -> list[Generation]:
         prompts, systems = [p for p, _ in rows], [s for _, s in rows]
-        with self.lock:
-            if len(set(systems)) == 1 or all(self._plain_lora_layers(n) for n in set(systems) - {BASE}):
-                return self._generate_locked(prompts, systems, settings, stops)
-            # peft routes rows to DoRA and other LoRA variants one batch at a time only
-            results = [None] * len(rows)
-            for system in dict.fromkeys(systems):
-                index = [i for i, s in enumerate(systems) if s == system]
-                outputs = self._generate_locked([prompts[i] for i in index], [system] * len(index), settings, stops)
-                for i, out in zip(index, outputs):
-                    results[i] = out
-            return results
+        try:
+            with self.lock:
+                if len(set(systems)) == 1 or all(self._plain_lora_layers(n) for n in set(systems) - {BASE}):
+                    return self._generate_locked(prompts, systems, settings, stops)
+                # peft routes rows to DoRA and other LoRA variants one batch at a time only
+                results = [None] * len(rows)
+                for system in dict.fromkeys(systems):
+                    index = [i for i, s in enumerate(systems) if s == system]
+                    outputs = self._generate_locked([prompts[i] for i in index], [system] * len(index), settings, stops)
+                    for i, out in zip(index, outputs):
+                        results[i] = out
+                return results
+        finally:
+            if self.release_openmp:
+                release_pool()  # so a chat's streaming thread, or the next batcher thread, has the only pool
 
     def encode(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         """Left-padded input_ids and attention_mask for a batch of prompts.
@@ -175,18 +189,19 @@ class TransformersBackend(Backend):
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.device)
         return {"input_ids": ids, "attention_mask": mask}
 
-    def _prefill(self, rows: Sequence[Sequence[int]], systems) -> DynamicCache | None:
-        """The KV cache of every prompt but its last token, left-padded as `_pad` pads the rows.
+    def _prefill(self, rows: Sequence[Sequence[int]], systems, room: int) -> DynamicCache | None:
+        """The KV cache of every prompt but its last token, left-padded as `_pad` pads the rows,
+        with room for `room` more tokens (see `kv_cache`).
 
         A batch of different dialogues padded to the longest spends much of its prefill on
         padding, and mixing adapters in one forward costs more again. So rows are prefilled in
-        small groups of one system and similar length, and the groups' caches are padded and
-        stacked into the one cache generate continues from (it computes the last prompt token
-        itself). None where a cache cannot be stacked this way; generate then prefills."""
+        small groups of one system and similar length, and the groups' caches are stacked into
+        the one cache generate continues from (it computes the last prompt token itself). None
+        where a cache cannot be stacked this way; generate then prefills."""
         if self.prefill_group < 1 or min(map(len, rows)) < 2:
             return None
-        merged = DynamicCache(config=self.model.config)
-        if not all(type(layer) in (DynamicLayer, DynamicSlidingWindowLayer) for layer in merged.layers):
+        merged = buffered_cache(self.model.config)
+        if merged is None:
             return None
         order = sorted(range(len(rows)), key=lambda i: (systems[i], len(rows[i])))
         groups: list[list[int]] = []
@@ -199,23 +214,33 @@ class TransformersBackend(Backend):
         for group in groups:
             enc = self._pad([rows[i][:-1] for i in group])
             cache = DynamicCache(config=self.model.config)
-            with self._adapters_for([systems[group[0]]]) as extra:
+            system = systems[group[0]]
+            with self._adapters_for([system]) as extra, self._adapter_in_base_dtype(system):
                 self.model(**enc, position_ids=(enc["attention_mask"].cumsum(-1) - 1).clamp(min=0),
                            past_key_values=cache, use_cache=True, logits_to_keep=1, **extra)
             parts.update((row, (cache, j)) for j, row in enumerate(group))
         for index, layer in enumerate(merged.layers):
             keys = [parts[row][0].layers[index].keys[parts[row][1]] for row in range(len(rows))]
             values = [parts[row][0].layers[index].values[parts[row][1]] for row in range(len(rows))]
-            width = max(k.shape[-2] for k in keys)  # a sliding layer keeps at most its window
-
-            def stack(states):
-                return torch.stack([torch.nn.functional.pad(x, (0, 0, width - x.shape[-2], 0)) for x in states])
-
             layer.lazy_initialization(keys[0][None], values[0][None])
-            layer.keys, layer.values = stack(keys), stack(values)
-            if isinstance(layer, DynamicSlidingWindowLayer):
+            layer.hold_rows(keys, values, room)  # a sliding layer keeps at most its window
+            if layer.is_sliding:
                 layer.cumulative_length = max(map(len, rows)) - 1
-        return merged
+        return merged if self.buffer_kv else as_dynamic(merged)
+
+    def _adapter_in_base_dtype(self, system):
+        """Prefill an adapter's rows with its LoRA weights in the base's bf16 (CPU only).
+
+        peft keeps adapter weights in fp32 beside a bf16 base, so each LoRA layer casts a
+        prompt's activations to fp32, multiplies in fp32 and adds back: a large share of an
+        adapter's prefill on a CPU. Prefill runs on bf16 copies of the weights, swapped in for
+        the call. Decode keeps fp32: a step's few rows multiply faster in fp32 there
+        (benchmarks/batch_generation.py measures both, `grouped-fp32-lora`). Not tried on GPUs."""
+        if not self.lora_prefill_bf16 or system == BASE or self.device.type != "cpu":
+            return swapped_in([])
+        if system not in self._bf16_lora:
+            self._bf16_lora[system] = bf16_copies(self._plain_lora_layers(system), system)
+        return swapped_in(self._bf16_lora[system])
 
     def _generate_locked(self, batch, systems, settings, stops, cancel=None) -> list[Generation]:
         """Generate for every row from a grouped prefill (`_prefill`); rows leave as they finish.
@@ -233,7 +258,7 @@ class TransformersBackend(Backend):
         if settings.seed is not None:
             torch.manual_seed(settings.seed)
         with torch.inference_mode():
-            cache = self._prefill(tokens, systems)
+            cache = self._prefill(tokens, systems, room=settings.max_new_tokens + 1)
         ids, mask = enc["input_ids"], enc["attention_mask"]
         alive, new_ids = list(range(len(batch))), {}
         while alive:
@@ -294,45 +319,14 @@ class TransformersBackend(Backend):
             yield {}
         elif (self.mask_one_adapter and len(names - {BASE}) == 1
               and (layers := self._plain_lora_layers(next(iter(names - {BASE}))))):
-            with self._one_adapter_by_row(layers, systems):
+            with masked_by_row(self.model, layers, systems):
                 yield {}
         else:  # one batch, one adapter per row
             yield {"adapter_names": ["__base__" if s == BASE else s for s in systems]}
 
-    @contextmanager
-    def _one_adapter_by_row(self, layers, systems):
-        """Base rows and one adapter's rows in one batch (a before/after click): the adapter is
-        active for every row and its update is zeroed on the base rows, by multiplying each
-        lora_A output by a 0/1 row mask. Base rows then get their base output exactly (B(0) = 0
-        for a plain LoRA layer: see `_plain_lora_layers`).
-
-        peft's `adapter_names` splits the rows by adapter inside every LoRA layer at every step
-        (indexing, casts, matmuls and an index_put per adapter, built from Python lists): small
-        operations whose fixed cost outweighs a 2-row decode step's LoRA arithmetic."""
-        name = next(s for s in systems if s != BASE)
-        weight = layers[0].lora_A[name].weight
-        mask = torch.tensor([s == name for s in systems], dtype=weight.dtype, device=weight.device).view(-1, 1, 1)
-        self.model.set_adapter(name)
-        hooks = [layer.lora_A[name].register_forward_hook(lambda _module, _args, out: out.mul_(mask))
-                 for layer in layers]
-        try:
-            yield
-        finally:
-            for hook in hooks:
-                hook.remove()
-
     def _plain_lora_layers(self, name: str) -> list:
-        """The LoRA layers of adapter `name` if every one is plain LoRA (result + B(A(x)) * s,
-        B without a bias, not merged); [] otherwise (DoRA and other variants, embeddings), where
-        only peft's own per-row routing is exact."""
         if name not in self._plain_layers:
-            from peft.tuners.lora import LoraLayer
-
-            layers = [m for m in self.model.modules() if isinstance(m, LoraLayer)
-                      and (name in m.lora_A or name in getattr(m, "lora_embedding_A", {}))]
-            plain = all(name in m.lora_A and type(m.lora_A[name]) is torch.nn.Linear and m.lora_B[name].bias is None
-                        and name not in getattr(m, "lora_variant", {}) and not m.merged for m in layers)
-            self._plain_layers[name] = layers if plain else []
+            self._plain_layers[name] = plain_lora_layers(self.model, name)
         return self._plain_layers[name]
 
     def stream(self, prompt, system, settings, stops=(), cancel=None) -> Iterator[str]:
