@@ -16,18 +16,21 @@ so drift on a shared CPU cancels:
              the default
   grouped-before   grouped without the last two (the default until 2026-11-27)
   grouped-cat / grouped-fp32-lora   grouped without the buffered cache / without the bf16 prefill
+  grouped-by-1     grouped, each row prefilled alone (no padding, smaller products)
   grouped-routed   grouped, with peft's adapter_names routing (the default before the mask)
   grouped-only / leave-only   each of the first two halves alone (with the mask)
 Prints seconds per batch (median), the grouped prefill's share of them, the ratio against one-call,
 and how many outputs match one-call's (bf16 rounds differently for different batch shapes, so near-tie
 tokens can flip; fp32 matches).
 --rouge N then evaluates the first N DialogSum validation dialogues (base and adapter, batches of 16
-rows, as `evaluate` does) with one-call and with grouped: ROUGE-1/2/L of each, and the time taken.
+rows, as `evaluate` does) with each of --rouge-variants (one-call and grouped by default): ROUGE-1/2/L
+of each, and the time taken.
 
 Usage:
   python benchmarks/batch_generation.py                    # embedded, 8 dialogues, 3 iterations, ~6 min
   python benchmarks/batch_generation.py --dialogues 4 --iterations 5
   python benchmarks/batch_generation.py --iterations 1 --rouge 100   # + quality parity, ~10 min more
+  python benchmarks/batch_generation.py --iterations 1 --rouge 200 --rouge-variants grouped,grouped-fp32-lora
   python benchmarks/batch_generation.py --profile tiny --dtype fp32 --quick   # seconds; outputs must match
   python benchmarks/batch_generation.py --random-base DIR --dialogues 1   # a GPU machine without the weights
 """
@@ -51,6 +54,7 @@ VARIANTS = {  # name -> the backend's settings, in FIELDS' order
     "grouped-before": (4, True, True, False, False),
     "grouped-cat": (4, True, True, False, True),
     "grouped-fp32-lora": (4, True, True, True, False),
+    "grouped-by-1": (1, True, True, True, True),
     "grouped-routed": (4, True, False, True, True),
     "grouped-only": (4, False, True, True, True),
     "leave-only": (0, True, True, True, True),
@@ -66,7 +70,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", choices=("bf16", "fp32"), default=None, help="default: the profile's")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated: {', '.join(VARIANTS)}")
     parser.add_argument("--rouge", type=int, default=0, metavar="N",
-                        help="also score N DialogSum validation dialogues with one-call and grouped")
+                        help="also score N DialogSum validation dialogues with each of --rouge-variants")
+    parser.add_argument("--rouge-variants", default="one-call,grouped", help="comma-separated, for --rouge")
     parser.add_argument("--random-base", metavar="DIR", help="the profile's architecture with random weights, "
                         "from DIR's config.json and tokenizer files (timing only; rows run to the cap)")
     parser.add_argument("--quick", action="store_true", help="1 round of 2 dialogues, 16 tokens")
@@ -76,6 +81,9 @@ def main(argv=None) -> int:
     names = [n.strip() for n in args.variants.split(",") if n.strip()]
     if not names or any(n not in VARIANTS for n in names):
         parser.error(f"--variants: choose from {', '.join(VARIANTS)}")
+    rouge_names = [n.strip() for n in args.rouge_variants.split(",") if n.strip()]
+    if args.rouge and (not rouge_names or any(n not in VARIANTS for n in rouge_names)):
+        parser.error(f"--rouge-variants: choose from {', '.join(VARIANTS)}")
     names = ["one-call"] + [n for n in names if n != "one-call"]  # the baseline always runs
 
     import tempfile
@@ -143,13 +151,13 @@ def main(argv=None) -> int:
                 f"{args.iterations} rounds)", ["variant", "s/batch", "x one-call", "prefill s", "tokens",
                                                "same text"], table)
     if args.rouge:
-        score_both(backend, args.rouge, task)
+        score(backend, args.rouge, task, rouge_names)
     print(f"after: {load_line()}")
     return 0
 
 
-def score_both(backend, n: int, task) -> None:
-    """`evaluation.evaluate` (ROUGE, max over references) with one-call and with grouped generation."""
+def score(backend, n: int, task, names) -> None:
+    """`evaluation.evaluate` (ROUGE, max over references) with each variant's generation."""
     from phisum.data import load_dialogsum
     from phisum.evaluation import evaluate
     from phisum.generation import BASE, GenerationSettings
@@ -159,16 +167,19 @@ def score_both(backend, n: int, task) -> None:
         print(f"--rouge skipped: {folder} is absent (see ../shared/data/README.md)")
         return
     items = load_dialogsum(folder, "validation")[0][:n]
-    rows = []
-    for name in ("one-call", "grouped"):
+    rows, first = [], None
+    for name in names:
         for field, value in zip(FIELDS, VARIANTS[name]):
             setattr(backend, field, value)
         report = evaluate(backend, items, [BASE, "dialogsum"], task, GenerationSettings(max_new_tokens=128),
                           batch_size=16)
+        first = first or report
         rows += [[name, system, *(report.aggregate[system][m] for m in ("rouge1", "rouge2", "rougeL")),
-                  report.seconds] for system in report.systems]
+                  f"{sum(a['outputs'][system] == b['outputs'][system] for a, b in zip(report.rows, first.rows))}"
+                  f"/{len(items)}", report.seconds] for system in report.systems]
     print_table(f"ROUGE on the first {len(items)} validation dialogues (max over references; 128-token cap)",
-                ["variant", "system", "ROUGE-1", "ROUGE-2", "ROUGE-L", "seconds (both systems)"], rows)
+                ["variant", "system", "ROUGE-1", "ROUGE-2", "ROUGE-L", f"same as {names[0]}",
+                 "seconds (both systems)"], rows)
 
 if __name__ == "__main__":
     sys.exit(main())

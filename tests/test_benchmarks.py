@@ -76,8 +76,8 @@ def test_serving_quick_on_tiny_serves_the_real_app_without_errors():
 
 def test_batch_generation_on_tiny_fp32_every_variant_gives_the_one_call_outputs():
     out = run_benchmark("batch_generation.py", "--profile", "tiny", "--dtype", "fp32", "--quick")
-    variants = {"one-call", "grouped", "grouped-before", "grouped-cat", "grouped-fp32-lora", "grouped-routed",
-                "grouped-only", "leave-only"}
+    variants = {"one-call", "grouped", "grouped-before", "grouped-cat", "grouped-fp32-lora", "grouped-by-1",
+                "grouped-routed", "grouped-only", "leave-only"}
     rows = {line.split()[0]: line.split() for line in out.splitlines() if line.split() and line.split()[0] in variants}
     assert set(rows) == variants, out
     assert all(r[-1] == "4/4" for r in rows.values()), out  # fp32: the strategies change speed, not text
