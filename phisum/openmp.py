@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import sys
 
 _OMP_PAUSE_HARD = 2
 _runtimes: list | None = None
@@ -32,8 +33,8 @@ def _libgomp() -> list:
                 paths = {line.split()[-1] for line in maps if os.path.basename(line.split()[-1]).startswith("libgomp")}
         except OSError:  # not Linux
             paths = set()
-        if not paths:
-            return []  # not loaded yet: look again next time
+        if not paths and "torch" not in sys.modules:
+            return []  # torch not imported yet: look again next time
         found = []
         for path in sorted(paths):
             try:
