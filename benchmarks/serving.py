@@ -7,6 +7,8 @@ backend contract and the real app:
   ttft          time to the first token: generate with max_new_tokens=1 (prefill + one step)
   decode        batch-1 decode tokens/s: (65 - 1) tokens / (time for 65 - time for 1), base model
   click         one before/after click (inference.compare, 96-token cap), median of --clicks
+  chat          one streamed chat reply with the oasst adapter (inference.stream_chat, 64-token cap),
+                median of --repeats
   users         --users gradio_client users clicking /summarize on the real app for --duration s:
                 summaries per minute (2 per click), p50/p95 latency, errors
   rss           process RSS after all of that (base + adapters + one app)
@@ -53,6 +55,9 @@ VARIANTS = {  # name -> (backend, app concurrency or None for the backend's, env
     "llamacpp": ("llamacpp", None, {}, {}),
     "llamacpp-passive": ("llamacpp", None, {"OMP_WAIT_POLICY": "PASSIVE"}, {}),
 }
+
+
+CHAT_QUESTION = "Write a short story about a lighthouse keeper and a storm."
 
 
 def load(name: str, args):
@@ -114,6 +119,14 @@ def run_variant(name: str, args) -> dict:
         clicks.append(time.perf_counter() - t)
     result["click_seconds"] = clicks
     result["click_p50"] = statistics.median(clicks)
+    chats = []  # the chat tab's path: a 64-token streamed reply, consumed to its end
+    for _ in range(args.repeats if "oasst" in backend.adapters else 0):
+        t = time.perf_counter()
+        for _piece in inference.stream_chat(backend, [{"role": "user", "content": CHAT_QUESTION}], "oasst",
+                                            GenerationSettings(max_new_tokens=64)):
+            pass
+        chats.append(time.perf_counter() - t)
+    result["chat_seconds"] = statistics.median(chats) if chats else float("nan")
     with serve(backend, concurrency=VARIANTS[name][1]) as (url, _):
         result.update(drive_users(url, dialogues, args, Client))
     result["rss_mb"] = rss_mb()
@@ -214,20 +227,21 @@ def report(results: dict[str, list[dict]], args) -> None:
         return statistics.median(r[key] for r in results[name])
 
     rows = [[name, med(name, "load_seconds"), med(name, "ttft_seconds"), med(name, "decode_tokens_per_second"),
-             med(name, "click_p50"), med(name, "summaries_per_minute"), med(name, "latency_p50"),
+             med(name, "click_p50"), med(name, "chat_seconds"), med(name, "summaries_per_minute"), med(name, "latency_p50"),
              med(name, "latency_p95"), sum(r["errors"] for r in results[name]), med(name, "rss_mb")]
             for name in results]
     print_table(f"Serving ({args.users} users x {args.duration:.0f} s through the app; medians over "
                 f"{args.iterations} round(s))",
-                ["variant", "load s", "ttft s", "decode tok/s", "click p50 s", "summaries/min", "p50 s", "p95 s",
-                 "errors", "RSS MB"], rows)
+                ["variant", "load s", "ttft s", "decode tok/s", "click p50 s", "chat s", "summaries/min", "p50 s",
+                 "p95 s", "errors", "RSS MB"], rows)
     base = "transformers-serial" if "transformers-serial" in results else None
     for name in results:
         if name != base and base:
             print(f"{name} vs transformers-serial: summaries/min {med(name, 'summaries_per_minute') / med(base, 'summaries_per_minute'):.2f}x, "
                   f"decode {med(name, 'decode_tokens_per_second') / med(base, 'decode_tokens_per_second'):.2f}x, "
                   f"RSS {med(name, 'rss_mb') / med(base, 'rss_mb'):.2f}x, "
-                  f"click {med(name, 'click_p50') / med(base, 'click_p50'):.2f}x")
+                  f"click {med(name, 'click_p50') / med(base, 'click_p50'):.2f}x, "
+                  f"chat {med(name, 'chat_seconds') / med(base, 'chat_seconds'):.2f}x")
     for name in results:
         p50, p95 = med(name, "latency_p50"), med(name, "latency_p95")
         print(f"{name}: p95/p50 = {p95 / p50:.2f}; errors {[r['error_samples'] for r in results[name] if r['errors']]}")
