@@ -23,12 +23,13 @@ class _Buffered:
 
     _buffers: tuple[torch.Tensor, torch.Tensor] | None = None
 
+    def lazy_initialization(self, key_states, value_states) -> None:
+        super().lazy_initialization(key_states, value_states)
+        # empty in the states' own shape (transformers starts from a 1-d tensor): appends need no special case
+        self.keys, self.values = key_states[..., :0, :], value_states[..., :0, :]
+
     def hold(self, keys: torch.Tensor, values: torch.Tensor, room: int) -> None:
-        filled = keys.shape[-2]
-        k = keys.new_zeros(*keys.shape[:-2], filled + room, keys.shape[-1])
-        v = values.new_zeros(*values.shape[:-2], filled + room, values.shape[-1])
-        k[..., :filled, :], v[..., :filled, :] = keys, values
-        self._set(k, v, filled)
+        self.hold_rows(keys.unbind(0), values.unbind(0), room)
 
     def hold_rows(self, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], room: int) -> None:
         """Rows of (heads, tokens, dim) of different lengths, left-padded with zeros (masked out,
@@ -49,8 +50,6 @@ class _Buffered:
             and self.keys.shape[:-2] == self._buffers[0].shape[:-2]
 
     def _append(self, key_states, value_states):
-        if self.keys.dim() != key_states.dim():  # transformers starts a layer from an empty 1-d tensor
-            self.keys, self.values = key_states[..., :0, :], value_states[..., :0, :]
         filled, new = self.keys.shape[-2], key_states.shape[-2]
         if not self._current() or filled + new > self._buffers[0].shape[-2]:
             self.hold(self.keys, self.values, max(new, filled // 2, 16))
@@ -81,8 +80,7 @@ class BufferedSlidingLayer(_Buffered, DynamicSlidingWindowLayer):
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        filled = self.keys.shape[-2] if self.keys.dim() > 1 else 0
-        if self.record_past or filled + key_states.shape[-2] > self.sliding_window - 1:
+        if self.record_past or self.keys.shape[-2] + key_states.shape[-2] > self.sliding_window - 1:
             return super().update(key_states, value_states, *args, **kwargs)
         self.cumulative_length += key_states.shape[-2]
         return self._append(key_states, value_states)
