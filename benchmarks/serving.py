@@ -23,6 +23,10 @@ Variants:
                         2026-11-27 evening: the thread that loaded the model keeps its OpenMP worker
                         pool, so the batcher thread's workers sleep between operations instead of
                         spinning (see phisum/openmp.py)
+  transformers-sdpa / transformers-serial-sdpa   transformers / transformers-serial as before
+                        2026-11-28: transformers' own sdpa attention, whose CPU kernel runs a decode
+                        step without a padding mask (one click's rows, a chat's one row) many times
+                        slower (see phisum.models.use_cpu_attention)
   llamacpp              llama.cpp in process, --slots slots, --threads threads
   llamacpp-passive      the same with OMP_WAIT_POLICY=PASSIVE (threads sleep instead of spinning
                         between operations: slower on an idle machine, far steadier on a shared one)
@@ -52,6 +56,8 @@ VARIANTS = {  # name -> (backend, app concurrency or None for the backend's, env
     "transformers-nowait": ("transformers", None, {}, {"batch_size": 8, "max_wait": 0.0}),
     "transformers-pools": ("transformers", None, {}, {"release_openmp": False}),
     "transformers-serial-pools": ("transformers", 1, {}, {"release_openmp": False}),
+    "transformers-sdpa": ("transformers", None, {}, {"cpu_attention": False}),
+    "transformers-serial-sdpa": ("transformers", 1, {}, {"cpu_attention": False}),
     "llamacpp": ("llamacpp", None, {}, {}),
     "llamacpp-passive": ("llamacpp", None, {"OMP_WAIT_POLICY": "PASSIVE"}, {}),
 }
@@ -74,10 +80,12 @@ def load(name: str, args):
 
         adapters = make_standin_adapters(profile, Path(tempfile.mkdtemp(prefix="phisum-standin-")))
     batching = VARIANTS[name][3]
-    if "release_openmp" in batching:  # before loading: the loading thread's pool is the one that stays
+    switches = {k: v for k, v in batching.items() if k in ("release_openmp", "cpu_attention")}
+    if switches:  # before loading: both act while the model loads
         from phisum.backends.hf import TransformersBackend
 
-        TransformersBackend.release_openmp = batching["release_openmp"]
+        for key, value in switches.items():
+            setattr(TransformersBackend, key, value)
     backend = load_backend(profile, kind, adapters, threads=args.threads, n_parallel=args.slots, progress=False,
                            batch_size=batching.get("batch_size"))
     if "max_wait" in batching:

@@ -199,6 +199,55 @@ def pack_linear_weights(model) -> int:
     return count
 
 
+CPU_ATTENTION = "phisum_cpu_sdpa"
+
+
+def _cpu_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+    """transformers' sdpa attention, with grouped-query attention laid out for the CPU kernel.
+
+    Models whose query heads share key/value heads (Gemma 3: four per pair) reach torch's CPU
+    kernel two ways in transformers' `sdpa`: with a padding mask, a decode step's query heads
+    are folded onto their key/value head (one small product per pair); without one (rows of
+    equal length: one click's base and adapter rows, a chat's single row) it passes
+    `enable_gqa=True`, which the CPU kernel runs many times slower for a single query token.
+    Here a decode step always folds, and a prompt always uses `enable_gqa` (the other way copies
+    every key and value head per query head first). Anything else goes to transformers' own."""
+    groups = getattr(module, "num_key_value_groups", 1)
+    batch, heads, length, dim = query.shape
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    plain = (groups > 1 and query.device.type == "cpu" and not dropout and not kwargs.get("output_attentions")
+             and all(kwargs.get(k) is None for k in ("softcap", "position_bias", "cache"))
+             and (attention_mask is None or attention_mask.shape[1] == 1)
+             and (length == 1 or attention_mask is not None or (causal and key.shape[2] == length)))
+    if not plain:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    if length == 1:
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query.reshape(batch, heads // groups, groups, dim), key, value, attn_mask=attention_mask, scale=scaling)
+    else:
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query, key, value, attn_mask=attention_mask, is_causal=attention_mask is None, scale=scaling,
+            enable_gqa=True)
+    return out.reshape(batch, heads, length, value.shape[-1]).transpose(1, 2).contiguous(), None
+
+
+def use_cpu_attention(model) -> bool:
+    """Switch a CPU model that uses transformers' sdpa attention to `_cpu_sdpa`. Inference and
+    training give the same results either way; this only changes which kernel layout runs."""
+    if getattr(model.config, "_attn_implementation", None) != "sdpa" or model.device.type != "cpu":
+        return False
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(CPU_ATTENTION, _cpu_sdpa)
+    AttentionMaskInterface.register(CPU_ATTENTION, sdpa_mask)
+    model.set_attn_implementation(CPU_ATTENTION)
+    return True
+
+
 def _fused_gemma_norm(self, x):
     return (torch.nn.functional.rms_norm(x.float(), self._phisum_shape, None, self.eps) * self._phisum_scale).type_as(x)
 

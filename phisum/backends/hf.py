@@ -32,7 +32,7 @@ from phisum.backends.kv_cache import as_dynamic, buffered_cache
 from phisum.backends.lora_state import bf16_copies, masked_by_row, plain_lora_layers, swapped_in
 from phisum.backends.stopping import CancelOnEvent, LeaveEarly, RowClock, StopOnStrings
 from phisum.generation import BASE, Generation, GenerationSettings, first_stop, held_back
-from phisum.models import load_base, pack_linear_weights
+from phisum.models import load_base, pack_linear_weights, use_cpu_attention
 from phisum.openmp import release_pool
 from phisum.profiles import Profile
 
@@ -50,6 +50,7 @@ class TransformersBackend(Backend):
     buffer_kv = True  # decode appends into a buffered KV cache (False: transformers' torch.cat every step)
     release_openmp = True  # hand back a thread's OpenMP pool after loading and after each batch (see phisum.openmp)
     lora_prefill_bf16 = True  # prefill adapter rows with bf16 copies of fp32 LoRA weights beside a bf16 base
+    cpu_attention = True  # grouped-query attention in the CPU kernel's fast layout (see models.use_cpu_attention)
 
     def __init__(self, model: PreTrainedModel, tokenizer, profile: Profile, reason: str = "",
                  batch_size: int | None = None):
@@ -83,6 +84,8 @@ class TransformersBackend(Backend):
         if fast_cpu and bits is None and profile.pack_cpu_linears:
             # Before peft wraps the layers: LoRA A/B stay plain, base layers get packed.
             backend.packed_layers = pack_linear_weights(model)
+        if fast_cpu and backend.cpu_attention:
+            use_cpu_attention(model)
         for name, spec in (adapters or {}).items():
             try:
                 backend.add_adapter(name, spec, token=token)
