@@ -62,7 +62,7 @@ def test_cached_engine_loads_fast_and_summarizes(monkeypatch):
     load_seconds = time.perf_counter() - t0
     assert load_seconds < 40, f"cached load took {load_seconds:.1f} s"
     assert backend.describe()["dtype"] == "bfloat16" and backend.packed_layers > 100
-    assert backend.model.config._attn_implementation == "phisum_cpu_sdpa"  # its 4 query heads per key/value head
+    assert backend.model.config._attn_implementation == "phisum_cpu_sdpa"  # 4 query heads per key/value head
     dialogue = load_samples()[0]["dialogue"]
     out = inference.summarize(backend, [dialogue], BASE, GenerationSettings(max_new_tokens=40))[0]
     assert not out.empty and out.new_tokens > 0 and out.prompt_tokens > 50

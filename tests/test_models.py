@@ -69,10 +69,6 @@ def test_cpu_attention_is_left_to_models_it_does_not_apply_to():
     eager = tiny_gqa_model()
     eager.set_attn_implementation("eager")
     assert not use_cpu_attention(eager) and eager.config._attn_implementation == "eager"
-    phi = build_tiny_model()  # no grouped heads: the same sdpa path as before, still exact
+    phi = build_tiny_model()  # one key/value head per query head: nothing to fold
     before = phi.config._attn_implementation
-    ids = torch.tensor([[1, 2, 3, 4]])
-    with torch.inference_mode():
-        expected = phi(ids).logits
-        assert use_cpu_attention(phi) == (before == "sdpa")
-        assert torch.equal(phi(ids).logits, expected)
+    assert not use_cpu_attention(phi) and phi.config._attn_implementation == before
