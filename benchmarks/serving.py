@@ -235,7 +235,8 @@ def report(results: dict[str, list[dict]], args) -> None:
         return statistics.median(r[key] for r in results[name])
 
     rows = [[name, med(name, "load_seconds"), med(name, "ttft_seconds"), med(name, "decode_tokens_per_second"),
-             med(name, "click_p50"), med(name, "chat_seconds"), med(name, "summaries_per_minute"), med(name, "latency_p50"),
+             med(name, "click_p50"), med(name, "chat_seconds"), med(name, "summaries_per_minute"),
+             med(name, "latency_p50"),
              med(name, "latency_p95"), sum(r["errors"] for r in results[name]), med(name, "rss_mb")]
             for name in results]
     print_table(f"Serving ({args.users} users x {args.duration:.0f} s through the app; medians over "
@@ -245,7 +246,8 @@ def report(results: dict[str, list[dict]], args) -> None:
     base = "transformers-serial" if "transformers-serial" in results else None
     for name in results:
         if name != base and base:
-            print(f"{name} vs transformers-serial: summaries/min {med(name, 'summaries_per_minute') / med(base, 'summaries_per_minute'):.2f}x, "
+            rate = med(name, 'summaries_per_minute') / med(base, 'summaries_per_minute')
+            print(f"{name} vs transformers-serial: summaries/min {rate:.2f}x, "
                   f"decode {med(name, 'decode_tokens_per_second') / med(base, 'decode_tokens_per_second'):.2f}x, "
                   f"RSS {med(name, 'rss_mb') / med(base, 'rss_mb'):.2f}x, "
                   f"click {med(name, 'click_p50') / med(base, 'click_p50'):.2f}x, "
