@@ -22,6 +22,10 @@ so drift on a shared CPU cancels:
 Prints seconds per batch (median), the grouped prefill's share of them, the ratio against one-call,
 and how many outputs match one-call's (bf16 rounds differently for different batch shapes, so near-tie
 tokens can flip; fp32 matches).
+--clicks also times each dialogue alone as one before/after click (2 rows, the default variant) and
+prints what batching can give at most: N clicks one at a time against the batch, and the ceiling if the
+batch's decode cost no more than its slowest click's (its prefill costs what it costs: prefill is
+arithmetic at the same price per token at any batch size on a CPU).
 --rouge N then evaluates the first N DialogSum validation dialogues (base and adapter, batches of 16
 rows, as `evaluate` does) with each of --rouge-variants (one-call and grouped by default): ROUGE-1/2/L
 of each, and the time taken.
@@ -29,6 +33,7 @@ of each, and the time taken.
 Usage:
   python benchmarks/batch_generation.py                    # embedded, 8 dialogues, 3 iterations, ~6 min
   python benchmarks/batch_generation.py --dialogues 4 --iterations 5
+  python benchmarks/batch_generation.py --variants grouped --clicks   # + the batching ceiling, ~4 min more
   python benchmarks/batch_generation.py --iterations 1 --rouge 100   # + quality parity, ~10 min more
   python benchmarks/batch_generation.py --iterations 1 --rouge 200 --rouge-variants grouped,grouped-fp32-lora
   python benchmarks/batch_generation.py --profile tiny --dtype fp32 --quick   # seconds; outputs must match
@@ -72,6 +77,8 @@ def main(argv=None) -> int:
     parser.add_argument("--rouge", type=int, default=0, metavar="N",
                         help="also score N DialogSum validation dialogues with each of --rouge-variants")
     parser.add_argument("--rouge-variants", default="one-call,grouped", help="comma-separated, for --rouge")
+    parser.add_argument("--clicks", action="store_true", help="also time each dialogue alone as one click "
+                        "and print the batching ceiling")
     parser.add_argument("--random-base", metavar="DIR", help="the profile's architecture with random weights, "
                         "from DIR's config.json and tokenizer files (timing only; rows run to the cap)")
     parser.add_argument("--quick", action="store_true", help="1 round of 2 dialogues, 16 tokens")
@@ -127,13 +134,15 @@ def main(argv=None) -> int:
 
     backend._prefill = timed_prefill
 
-    def run(name):
+    def run(name, batch=None):
+        batch = batch or rows
         for field, value in zip(FIELDS, VARIANTS[name]):
             setattr(backend, field, value)
         prefill_seconds.clear()
         with backend.lock:
             start = time.perf_counter()
-            outs = backend._generate_locked(rows, systems, settings, task.stops)
+            outs = backend._generate_locked(batch, systems if batch is rows else [BASE, "dialogsum"],
+                                            settings, task.stops)
         seconds = time.perf_counter() - start
         return seconds, sum(prefill_seconds), [o.text for o in outs], sum(o.new_tokens for o in outs)
 
@@ -150,10 +159,35 @@ def main(argv=None) -> int:
     print_table(f"One batch of {len(rows)} before/after rows, {args.max_new_tokens}-token cap (median of "
                 f"{args.iterations} rounds)", ["variant", "s/batch", "x one-call", "prefill s", "tokens",
                                                "same text"], table)
+    if args.clicks:
+        ceiling(run, prompts, seconds["grouped"] if "grouped" in names else None, prefill.get("grouped"))
     if args.rouge:
         score(backend, args.rouge, task, rouge_names)
     print(f"after: {load_line()}")
     return 0
+
+
+def ceiling(run, prompts, batch_seconds, batch_prefill) -> None:
+    """Each dialogue as one click (median of 2) against the grouped batch of all of them.
+
+    The batch decodes every step with at least the rows of any one click, for at least as many
+    steps, so its decode costs at least its slowest click's. With its prefill as measured, that
+    bounds how many times faster the batch can serve the clicks than one at a time."""
+    clicks = []
+    for prompt in prompts:
+        runs = [run("grouped", [prompt, prompt]) for _ in range(2)]
+        clicks.append((median([r[0] for r in runs]), median([r[1] for r in runs])))
+    serial = sum(s for s, _ in clicks)
+    slowest_decode = max(s - p for s, p in clicks)
+    if batch_seconds is None:
+        batch_seconds = [run("grouped")[:2] for _ in range(2)]
+        batch_prefill, batch_seconds = [p for _, p in batch_seconds], [s for s, _ in batch_seconds]
+    batch, prefill = median(batch_seconds), median(batch_prefill)
+    print_table(f"{len(prompts)} clicks one at a time vs one batch (grouped)", ["", "seconds", "prefill s"],
+                [["clicks one at a time", serial, sum(p for _, p in clicks)], ["one batch", batch, prefill],
+                 ["batch, decode as fast as the slowest click", prefill + slowest_decode, prefill]])
+    print(f"batching gives {serial / batch:.2f}x; its ceiling on this machine, whatever the decode: "
+          f"{serial / (prefill + slowest_decode):.2f}x")
 
 
 def score(backend, n: int, task, names) -> None:

@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         items, selection = select_items(rows, args.n, args.shuffle, args.seed)
         print(f"[phisum] data: {data_report.summary()}; evaluating {selection}", file=sys.stderr)
         backend = open_backend(args, adapters=[s for s in systems if s != BASE], progress=not args.no_progress,
-                               dtype=args.dtype, batch_size=args.batch_size)
+                               dtype=args.dtype, batch_size=args.batch_size, workload="batch")
         if backend.missing:
             name, why = next(iter(backend.missing.items()))
             raise ValueError(f"adapter {name!r} could not be loaded: {why}")

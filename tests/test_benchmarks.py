@@ -75,13 +75,16 @@ def test_serving_quick_on_tiny_serves_the_real_app_without_errors():
 
 
 def test_batch_generation_on_tiny_fp32_every_variant_gives_the_one_call_outputs():
-    out = run_benchmark("batch_generation.py", "--profile", "tiny", "--dtype", "fp32", "--quick")
+    out = run_benchmark("batch_generation.py", "--profile", "tiny", "--dtype", "fp32", "--quick", "--clicks")
     variants = {"one-call", "grouped", "grouped-before", "grouped-cat", "grouped-fp32-lora", "grouped-by-1",
                 "grouped-routed", "grouped-only", "leave-only"}
     rows = {line.split()[0]: line.split() for line in out.splitlines() if line.split() and line.split()[0] in variants}
     assert set(rows) == variants, out
     assert all(r[-1] == "4/4" for r in rows.values()), out  # fp32: the strategies change speed, not text
     assert "load average" in out
+    assert "2 clicks one at a time vs one batch" in out, out  # --clicks: each dialogue alone, then the ceiling
+    assert re.search(r"^batching gives [\d.]+x; its ceiling on this machine, whatever the decode: [\d.]+x$", out,
+                     re.MULTILINE), out
 
 
 def test_batch_generation_builds_a_random_base_from_config_and_tokenizer_files(tmp_path):

@@ -91,6 +91,24 @@ def test_app_on_the_embedded_profile_answers_through_its_api():
 
 
 @slow
+def test_evaluate_on_a_cpu_picks_the_batching_backend(tmp_path):
+    """`evaluate` is batch work: auto gives it transformers' micro-batching, not llama.cpp's turns."""
+    pytest.importorskip("xllamacpp", reason="without xllamacpp auto picks transformers everywhere")
+    data = tmp_path / "test.jsonl"
+    data.write_text(json.dumps({"dialogue": "#Person1#: Lunch at noon?\n#Person2#: Yes, see you there.",
+                                "summary": "They agree to meet for lunch at noon."}) + "\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    env.pop("PHISUM_BACKEND", None)
+    proc = subprocess.run([sys.executable, "-m", "phisum", "evaluate", "--profile", "embedded", "--data", str(data),
+                           "--adapters", "base", "--max-new-tokens", "4", "--no-progress", "--no-semantic",
+                           "--out", str(tmp_path / "report")], capture_output=True, text=True, env=env, timeout=300,
+                          cwd=Path(__file__).parent.parent)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "auto: batch work on a CPU, transformers" in proc.stderr
+    assert json.loads((tmp_path / "report" / "metrics.json").read_text())["items"] == 1
+
+
+@slow
 def test_fast_tokenizer_load_matches_autotokenizer():
     from transformers import AutoTokenizer
 

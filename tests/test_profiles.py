@@ -14,6 +14,22 @@ def test_auto_picks_embedded_on_cpu_and_says_why(monkeypatch):
     assert profile.name == "embedded" and "no CUDA" in reason
 
 
+def test_auto_backend_follows_the_workload_on_a_cpu(monkeypatch):
+    """One request's latency: llama.cpp; many rows at once (evaluate): the micro-batching transformers."""
+    pytest.importorskip("xllamacpp", reason="auto picks llama.cpp only where xllamacpp is installed")
+    from phisum.backends import choose_backend
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    embedded = PROFILES["embedded"]
+    assert choose_backend("auto", embedded)[0] == "llamacpp"
+    name, why = choose_backend("auto", embedded, workload="batch")
+    assert name == "transformers" and "batch work" in why
+    assert choose_backend("llamacpp", embedded, workload="batch")[0] == "llamacpp"  # an explicit choice stands
+    assert choose_backend("auto", embedded, "http://127.0.0.1:8000", workload="batch")[0] == "openai"
+    with pytest.raises(ValueError, match="unknown workload 'bulk'"):
+        choose_backend("auto", embedded, workload="bulk")
+
+
 def test_explicit_and_unknown_profiles():
     assert resolve_profile("tiny", "PHISUM_PROFILE") == (PROFILES["tiny"], "profile 'tiny' from PHISUM_PROFILE")
     with pytest.raises(ValueError, match="unknown profile"):
