@@ -117,6 +117,10 @@ def test_live_rouge_scores_base_and_adapter(client, tmp_path):
                                                             api_name="/live_rouge")
     assert "Data:" in note and "ROUGE-1" in aggregate and "dialogsum - base" in aggregate
     assert len(table["data"]) == 3
+    # the headline scores and their difference lead the table, ahead of the wide text columns
+    assert table["headers"][:5] == ["id", "base ROUGE-L", "dialogsum ROUGE-L", "dialogsum - base", "reference"]
+    for row in table["data"]:
+        assert abs(row[3] - (row[2] - row[1])) < 2e-3
     assert chart and open(chart, "rb").read(8).startswith(b"\x89PNG")
     names = zipfile.ZipFile(archive).namelist()
     assert {"predictions.jsonl", "metrics.json", "report.md", "rouge.png"} <= set(names)

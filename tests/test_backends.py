@@ -60,6 +60,15 @@ def test_describe_names_the_backend_and_its_systems(backend):
     assert BASE in b.systems and adapter in b.systems and adapter in info["adapters"]
     assert b.max_concurrency >= 1
     assert "api_key" not in str(info).lower() or "***" in str(info)
+    from phisum.ui.common import header_markdown
+
+    header = header_markdown(b)
+    assert f"**backend** `{b.name}`" in header
+    if b.name == "llamacpp":  # its loopback server is internal: the header names the model file instead
+        assert info["server"].startswith("in process on http://127.0.0.1:") and "base_url" not in info
+        assert f"**gguf** `{info['gguf']}`" in header and "127.0.0.1" not in header
+    if b.name == "openai":  # a server the user chose: its address is worth showing
+        assert f"**base_url** `{info['base_url']}`" in header
 
 
 def test_summarize_gives_one_result_per_input(backend):

@@ -102,6 +102,8 @@ class LlamaCppBackend(OpenAIBackend):
 
     def describe(self) -> dict:
         info = super().describe()
+        # the loopback address changes with every start and is nothing a user connects to
+        info["server"] = f"in process on {info.pop('base_url')}"
         info.update(gguf=self.gguf_name, threads=self.threads, n_parallel=self.n_parallel)
         return info
 

@@ -33,7 +33,7 @@ def header_markdown(backend) -> str:
 
     info = backend.describe()
     loaded = ", ".join(f"`{n}`" for n in info["adapters"]) or "none"
-    where = " · ".join(f"**{k}** `{info[k]}`" for k in ("device", "dtype", "base_url") if info.get(k))
+    where = " · ".join(f"**{k}** `{info[k]}`" for k in ("device", "dtype", "gguf", "base_url") if info.get(k))
     lines = [
         "# PhiSUM: before and after LoRA fine-tuning",
         f"**Profile** `{info['profile']}` · **backend** `{info['backend']}` · **base** `{info['base_model']}` · "

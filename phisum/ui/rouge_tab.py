@@ -88,6 +88,24 @@ def aggregate_markdown(report) -> str:
     return text + (f"\n\n**{failures}**" if failures else "")
 
 
+def per_item_frame(report):
+    """The report's per-item table for reading on screen: the headline score of each system and their
+    difference first (wide text columns would push them out of view), then the texts, then every
+    other score, rounded."""
+    from phisum.evaluation import METRIC_LABELS
+
+    frame = report.to_frame()
+    headline, systems = "rougeL", report.systems
+    first = [f"{s}_{headline}" for s in systems]
+    names = {f"{s}_{m}": f"{s} {METRIC_LABELS.get(m, m)}" for s in systems for m in report.metrics_used}
+    if len(systems) == 2:
+        frame[f"{systems[1]} - {systems[0]}"] = frame[first[1]] - frame[first[0]]
+        first.append(f"{systems[1]} - {systems[0]}")
+    rest = [c for c in frame.columns if c not in first and c not in ("id", "reference", *systems)]
+    frame = frame[["id", *first, "reference", *systems, *rest]].round(3)
+    return frame.rename(columns=names)
+
+
 def run_live_rouge(backend, n, seed, max_new, left, right, semantic, folders: RunFolders, data_dir=None,
                    hub=False, progress=None):
     from phisum.evaluation import evaluate
@@ -114,7 +132,7 @@ def run_live_rouge(backend, n, seed, max_new, left, right, semantic, folders: Ru
     out_dir = folders.new()
     save_report(report, out_dir / "report")
     archive = shutil.make_archive(str(out_dir / "live-rouge-report"), "zip", out_dir / "report")
-    return ("\n\n".join(notes), report.to_frame(), aggregate_markdown(report),
+    return ("\n\n".join(notes), per_item_frame(report), aggregate_markdown(report),
             str(out_dir / "report" / "rouge.png"), archive)
 
 
@@ -153,7 +171,8 @@ def create_rouge_tab(backend, data_dir: str | None = None, hub: bool = False) ->
                              type="filepath", elem_id="rouge-chart", show_label=True)
             download = gr.File(label="Download the report (predictions, metrics, markdown, chart)",
                                elem_id="rouge-download")
-        table = gr.Dataframe(label="Per item", wrap=True, elem_id="rouge-table")
+        table = gr.Dataframe(label="Per item (ROUGE-L first; every score in the download)", wrap=True,
+                             pinned_columns=1, elem_id="rouge-table")
 
         @gpu
         def run(n_value, seed_value, max_new_value, left_value, right_value, semantic_value,
