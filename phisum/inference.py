@@ -97,11 +97,8 @@ def summarize(backend: Backend, texts: Sequence[str], system: str | None = None,
     return outs
 
 
-def compare(backend: Backend, texts: Sequence[str], systems: Sequence[str] | None = None,
-            settings: GenerationSettings | None = None, task: str | Task = "dialogsum",
-            batch_size: int | None = None) -> list[tuple[Generation, Generation]]:
-    """Two systems' outputs for each text (default: base vs the task's adapter), all rows in ONE
-    generate call, so the backend can batch them together (peft adapter_names, server slots)."""
+def _pair_rows(backend: Backend, texts: Sequence[str], systems, settings, task):
+    """Prompts for two systems over `texts`: (task, settings, rows, row systems, notices per text)."""
     task = get_task(task)
     first, second = systems or (BASE, task.adapter)
     if first == second:
@@ -111,15 +108,35 @@ def compare(backend: Backend, texts: Sequence[str], systems: Sequence[str] | Non
     backend.require(second)
     built = [fit_text(backend, task, t, settings.max_new_tokens) for t in texts]
     prompts = [p for p, _ in built]
-    outs = backend.generate(prompts + prompts, [first] * len(prompts) + [second] * len(prompts), settings,
-                            task.stops, batch_size)
+    return task, settings, prompts + prompts, [first] * len(prompts) + [second] * len(prompts), [n for _, n in built]
+
+
+def compare(backend: Backend, texts: Sequence[str], systems: Sequence[str] | None = None,
+            settings: GenerationSettings | None = None, task: str | Task = "dialogsum",
+            batch_size: int | None = None) -> list[tuple[Generation, Generation]]:
+    """Two systems' outputs for each text (default: base vs the task's adapter), all rows in ONE
+    generate call, so the backend can batch them together (peft adapter_names, server slots)."""
+    task, settings, rows, names, notices = _pair_rows(backend, texts, systems, settings, task)
+    outs = backend.generate(rows, names, settings, task.stops, batch_size)
     pairs = []
-    for i, (_, notices) in enumerate(built):
-        a, b = outs[i], outs[len(prompts) + i]
-        a.notices.extend(notices)
-        b.notices.extend(notices)
+    for i, found in enumerate(notices):
+        a, b = outs[i], outs[len(notices) + i]
+        a.notices.extend(found)
+        b.notices.extend(found)
         pairs.append((a, b))
     return pairs
+
+
+def compare_as_ready(backend: Backend, text: str, systems: Sequence[str] | None = None,
+                     settings: GenerationSettings | None = None,
+                     task: str | Task = "dialogsum") -> Iterator[tuple[int, Generation]]:
+    """`compare` for one text, yielding (0 for the first system, 1 for the second, its Generation)
+    as each is done: where the backend finishes rows separately (a server's slots), the shorter
+    summary can be shown while the other is still generating."""
+    task, settings, rows, names, notices = _pair_rows(backend, [text], systems, settings, task)
+    for side, out in backend.generate_as_ready(rows, names, settings, task.stops):
+        out.notices.extend(notices[0])
+        yield side, out
 
 
 def stream_chat(backend: Backend, messages: Sequence[Mapping], system: str | None = None,

@@ -161,6 +161,49 @@ def test_an_unknown_or_missing_adapter_is_a_clear_error(backend):
     assert inference.summarize(b, DIALOGUES[:1], BASE, SHORT)[0].new_tokens > 0
 
 
+def test_generate_as_ready_yields_every_row_once_with_generate_outputs(backend):
+    b, adapter = backend
+    prompts = [inference.fit_text(b, "dialogsum", d, 24)[0] for d in DIALOGUES[:2]]
+    systems = [BASE, adapter, BASE, adapter]
+    settings = GenerationSettings(max_new_tokens=24)
+    ready = list(b.generate_as_ready(prompts + prompts, systems, settings))
+    assert sorted(i for i, _ in ready) == [0, 1, 2, 3]
+    texts = dict((i, g.text) for i, g in ready)
+    assert [texts[i] for i in range(4)] == [g.text for g in b.generate(prompts + prompts, systems, settings)]
+    assert [g.system for _, g in sorted(ready, key=lambda r: r[0])] == systems
+
+
+def test_compare_as_ready_gives_compares_pair_side_by_side(backend):
+    b, adapter = backend
+    sides = dict(inference.compare_as_ready(b, DIALOGUES[0], (BASE, adapter), SHORT))
+    pair = inference.compare(b, DIALOGUES[:1], (BASE, adapter), SHORT)[0]
+    assert set(sides) == {0, 1} and (sides[0].text, sides[1].text) == (pair[0].text, pair[1].text)
+    with pytest.raises(InputError, match="twice"):
+        list(inference.compare_as_ready(b, DIALOGUES[0], (adapter, adapter), SHORT))
+
+
+@pytest.mark.slow
+@needs_llamacpp
+def test_a_click_shows_the_first_summary_done_while_the_other_generates(llamacpp_backend):
+    """On llama.cpp the two sides are two requests: the shorter one reaches the page first."""
+    from gradio_client import Client
+
+    from phisum.ui.summarize_tab import PENDING
+    from tests.app_server import serve
+
+    with serve(llamacpp_backend) as (url, _):
+        client = Client(url, verbose=False)
+        job = client.submit(DIALOGUES[0], 96, False, 0.7, 0.9, "base", "dialogsum", api_name="/summarize")
+        final = job.result(timeout=300)
+        outputs = job.outputs()
+    assert len(outputs) == 2, outputs  # one side, then both
+    first = outputs[0]
+    assert (first[0] == PENDING) != (first[2] == PENDING)  # exactly one side still generating
+    done = 2 if first[0] == PENDING else 0
+    assert first[done] == final[done] and "new tokens" in first[done + 1]
+    assert PENDING not in (final[0], final[2]) and "new tokens" in final[1] and "new tokens" in final[3]
+
+
 @pytest.mark.slow
 @needs_llamacpp
 def test_llamacpp_records_a_missing_adapter_and_serves(llamacpp_backend, openai_backend):

@@ -72,6 +72,7 @@ def test_serving_quick_on_tiny_serves_the_real_app_without_errors():
     for variant in ("transformers-serial", "transformers"):
         assert re.search(rf"^{variant}: p95/p50 = [\d.]+; errors \[\]$", out, re.MULTILINE), f"{variant} row"
     assert float(re.search(r"summaries/min ([\d.]+)x", out).group(1)) > 0
+    assert "first side s" in out  # the click until its first side is done, beside the whole click
 
 
 def test_batch_generation_on_tiny_fp32_every_variant_gives_the_one_call_outputs():

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from phisum.ui.summarize_tab import PENDING
 from tests.app_server import serve
 
 pytestmark = pytest.mark.browser
@@ -47,11 +48,13 @@ def test_three_tabs_in_chromium(backend, tmp_path):
         page.fill("#dialogue textarea", "#Person1#: Are you coming to the party tonight?\n"
                                         "#Person2#: Yes, I'll bring a cake. See you at eight.")
         page.click("#summarize-btn")
-        page.wait_for_function("""() => ['#base-summary', '#tuned-summary'].every(
-            s => document.querySelector(s + ' textarea').value.trim().length > 0)""", timeout=slow)
+        # one side may show first (llama.cpp: two requests), the other saying it is still generating
+        page.wait_for_function("""(pending) => ['#base-summary', '#tuned-summary'].every(s => {
+            const value = document.querySelector(s + ' textarea').value.trim();
+            return value.length > 0 && value !== pending; })""", arg=PENDING, timeout=slow)
         base = page.input_value("#base-summary textarea")
         tuned = page.input_value("#tuned-summary textarea")
-        assert base and tuned
+        assert base and tuned and PENDING not in (base, tuned)
         page.screenshot(path=str(shots / "before_after.png"), full_page=True)
 
         # Tab 2: chat, streamed reply

@@ -84,6 +84,15 @@ class Backend(abc.ABC):
         Rows may be batched together (also with other callers' rows) however the backend
         can; results never depend on what else was in the batch beyond numerical noise."""
 
+    def generate_as_ready(self, prompts: Sequence[str], systems: str | Sequence[str] = BASE,
+                          settings: GenerationSettings | None = None,
+                          stops: Sequence[str] = ()) -> Iterator[tuple[int, Generation]]:
+        """(row index, Generation) for every prompt, each as soon as it is done, so a caller can
+        show one result while another is still generating. Here: one `generate` call, whose rows
+        all come back at its end (a backend that batches rows gains nothing by splitting them);
+        a backend whose rows finish separately yields them in the order they finish."""
+        yield from enumerate(self.generate(prompts, systems, settings, stops))
+
     @abc.abstractmethod
     def stream(self, prompt: str, system: str, settings: GenerationSettings, stops: Sequence[str] = (),
                cancel: threading.Event | None = None) -> Iterator[str]:

@@ -22,7 +22,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -234,15 +234,23 @@ class OpenAIBackend(Backend):
         whatever else is in flight. Each call bounds only itself, so a long evaluation keeps no more
         than that queued at the server and a click arriving meanwhile waits for a slot, not for the
         evaluation. `batch_size` is not used: the server forms its own batches."""
+        results = [None] * len(prompts)
+        for index, generation in self.generate_as_ready(prompts, systems, settings, stops):
+            results[index] = generation
+        return results
+
+    def generate_as_ready(self, prompts, systems=BASE, settings=None, stops=()) -> Iterator[tuple[int, Generation]]:
+        """Each request's Generation as the server finishes it (see `generate`)."""
         settings = settings or GenerationSettings()
         systems = self._systems_for(prompts, systems)
         if not prompts:
-            return []
+            return
         pool = ThreadPoolExecutor(min(len(prompts), self.max_concurrency), thread_name_prefix=f"phisum-{self.name}")
-        futures = [pool.submit(self._generate_one, prompt, system, settings, tuple(stops))
-                   for prompt, system in zip(prompts, systems)]
+        futures = {pool.submit(self._generate_one, prompt, system, settings, tuple(stops)): index
+                   for index, (prompt, system) in enumerate(zip(prompts, systems))}
         try:
-            return [f.result() for f in futures]
+            for future in as_completed(futures):
+                yield futures[future], future.result()
         finally:  # after a failure, rows not yet sent are not sent; those in flight end on their own
             pool.shutdown(wait=False, cancel_futures=True)
 

@@ -25,18 +25,29 @@ def _stats(g) -> str:
             f"({rate:.1f} tok/s) · stopped on **{g.finish_reason}**")
 
 
+PENDING = "(still generating…)"
+
+
 def summarize_pair(backend, dialogue, max_new, sample, temperature, top_p, left=None, right=None):
+    """Yield (left text, left stats, right text, right stats, diff, note): a side as soon as it is
+    done where the backend finishes rows separately (`compare_as_ready`), both at the end otherwise."""
     settings = make_settings(max_new, sample, temperature, top_p, backend.context_length)
     left, right = left or default_pair(backend)[0], right or default_pair(backend)[1]
-    notices = []
     try:
         if left == right:
-            a, b = inference.summarize(backend, [dialogue], left, settings, TASK)[0], None
+            done = {0: inference.summarize(backend, [dialogue], left, settings, TASK)[0]}
         else:
-            a, b = inference.compare(backend, [dialogue], (left, right), settings, TASK)[0]
+            done = {}
+            for side, out in inference.compare_as_ready(backend, dialogue, (left, right), settings, TASK):
+                done[side] = out
+                if len(done) == 1:  # the other side is still generating
+                    a, b = done.get(0), done.get(1)
+                    yield (a.display if a else PENDING, _stats(a) if a else "",
+                           b.display if b else PENDING, _stats(b) if b else "", [], "")
     except InputError as exc:
         raise user_error(exc) from None
-    notices[:0] = a.notices
+    a, b = done[0], done.get(1)
+    notices = list(a.notices)
     if b is None and TASK.adapter in backend.missing:
         notices.append(f"Adapter `{TASK.adapter}` is not loaded: {backend.missing[TASK.adapter]}")
         b_text, b_stats, diff = "(no fine-tuned adapter loaded)", "", []
@@ -46,7 +57,7 @@ def summarize_pair(backend, dialogue, max_new, sample, temperature, top_p, left=
     else:
         b_text, b_stats, diff = b.display, _stats(b), word_diff(a.text, b.text)
     note = "\n\n".join(f"**Note:** {n}" for n in notices)
-    return a.display, _stats(a), b_text, b_stats, diff, note
+    yield a.display, _stats(a), b_text, b_stats, diff, note
 
 
 def create_summarize_tab(backend) -> None:
@@ -78,7 +89,7 @@ def create_summarize_tab(backend) -> None:
 
         @gpu
         def run(text, max_new, sample, temperature, top_p, left_system, right_system):
-            return summarize_pair(backend, text, max_new, sample, temperature, top_p, left_system, right_system)
+            yield from summarize_pair(backend, text, max_new, sample, temperature, top_p, left_system, right_system)
 
         button.click(run, [dialogue, *settings, left, right], [base, base_stats, tuned, tuned_stats, diff, note],
                      api_name="summarize", concurrency_id="model")
