@@ -43,6 +43,9 @@ def test_summarize_returns_base_and_adapter_side_by_side(client, tiny_backend):
     assert "new tokens" in base_stats and "new tokens" in tuned_stats
     pair = inference.compare(tiny_backend, [DIALOGUE], settings=GenerationSettings(max_new_tokens=24))[0]
     assert (base, tuned) == (pair[0].display, pair[1].display)  # the app shows exactly the backend's output
+    job = client.submit(DIALOGUE, *SETTINGS, api_name="/summarize")
+    job.result(timeout=120)
+    assert len(job.outputs()) == 1  # transformers batches both rows: both sides at once, nothing pending
 
 
 def test_any_two_systems_can_be_compared(client, tiny_backend):
