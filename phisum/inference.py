@@ -129,14 +129,15 @@ def compare(backend: Backend, texts: Sequence[str], systems: Sequence[str] | Non
 
 def compare_as_ready(backend: Backend, text: str, systems: Sequence[str] | None = None,
                      settings: GenerationSettings | None = None,
-                     task: str | Task = "dialogsum") -> Iterator[tuple[int, Generation]]:
-    """`compare` for one text, yielding (0 for the first system, 1 for the second, its Generation)
-    as each is done: where the backend finishes rows separately (a server's slots), the shorter
-    summary can be shown while the other is still generating."""
+                     task: str | Task = "dialogsum") -> Iterator[list[tuple[int, Generation]]]:
+    """`compare` for one text, yielding [(0 for the first system or 1 for the second, its
+    Generation), ...] as they are done (see `Backend.generate_as_ready`): where the backend finishes
+    rows separately (a server's slots), the shorter summary can be shown while the other generates."""
     task, settings, rows, names, notices = _pair_rows(backend, [text], systems, settings, task)
-    for side, out in backend.generate_as_ready(rows, names, settings, task.stops):
-        out.notices.extend(notices[0])
-        yield side, out
+    for group in backend.generate_as_ready(rows, names, settings, task.stops):
+        for _, out in group:
+            out.notices.extend(notices[0])
+        yield group
 
 
 def stream_chat(backend: Backend, messages: Sequence[Mapping], system: str | None = None,

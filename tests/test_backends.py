@@ -166,8 +166,10 @@ def test_generate_as_ready_yields_every_row_once_with_generate_outputs(backend):
     prompts = [inference.fit_text(b, "dialogsum", d, 24)[0] for d in DIALOGUES[:2]]
     systems = [BASE, adapter, BASE, adapter]
     settings = GenerationSettings(max_new_tokens=24)
-    ready = list(b.generate_as_ready(prompts + prompts, systems, settings))
+    groups = list(b.generate_as_ready(prompts + prompts, systems, settings))
+    ready = [pair for group in groups for pair in group]
     assert sorted(i for i, _ in ready) == [0, 1, 2, 3]
+    assert len(groups) == (1 if b.name == "transformers" else 4)  # one batch, or one request each
     texts = dict((i, g.text) for i, g in ready)
     assert [texts[i] for i in range(4)] == [g.text for g in b.generate(prompts + prompts, systems, settings)]
     assert [g.system for _, g in sorted(ready, key=lambda r: r[0])] == systems
@@ -175,7 +177,8 @@ def test_generate_as_ready_yields_every_row_once_with_generate_outputs(backend):
 
 def test_compare_as_ready_gives_compares_pair_side_by_side(backend):
     b, adapter = backend
-    sides = dict(inference.compare_as_ready(b, DIALOGUES[0], (BASE, adapter), SHORT))
+    sides = dict(pair for group in inference.compare_as_ready(b, DIALOGUES[0], (BASE, adapter), SHORT)
+                 for pair in group)
     pair = inference.compare(b, DIALOGUES[:1], (BASE, adapter), SHORT)[0]
     assert set(sides) == {0, 1} and (sides[0].text, sides[1].text) == (pair[0].text, pair[1].text)
     with pytest.raises(InputError, match="twice"):

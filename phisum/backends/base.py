@@ -86,12 +86,12 @@ class Backend(abc.ABC):
 
     def generate_as_ready(self, prompts: Sequence[str], systems: str | Sequence[str] = BASE,
                           settings: GenerationSettings | None = None,
-                          stops: Sequence[str] = ()) -> Iterator[tuple[int, Generation]]:
-        """(row index, Generation) for every prompt, each as soon as it is done, so a caller can
-        show one result while another is still generating. Here: one `generate` call, whose rows
-        all come back at its end (a backend that batches rows gains nothing by splitting them);
-        a backend whose rows finish separately yields them in the order they finish."""
-        yield from enumerate(self.generate(prompts, systems, settings, stops))
+                          stops: Sequence[str] = ()) -> Iterator[list[tuple[int, Generation]]]:
+        """The rows' (index, Generation) pairs in groups, each group as soon as it is done, so a
+        caller can show one result while another is still generating. Here: one `generate` call,
+        one group with every row at its end (a backend that batches rows gains nothing by splitting
+        them); a backend whose rows finish separately yields each in a group of its own."""
+        yield list(enumerate(self.generate(prompts, systems, settings, stops)))
 
     @abc.abstractmethod
     def stream(self, prompt: str, system: str, settings: GenerationSettings, stops: Sequence[str] = (),

@@ -235,11 +235,12 @@ class OpenAIBackend(Backend):
         than that queued at the server and a click arriving meanwhile waits for a slot, not for the
         evaluation. `batch_size` is not used: the server forms its own batches."""
         results = [None] * len(prompts)
-        for index, generation in self.generate_as_ready(prompts, systems, settings, stops):
-            results[index] = generation
+        for group in self.generate_as_ready(prompts, systems, settings, stops):
+            for index, generation in group:
+                results[index] = generation
         return results
 
-    def generate_as_ready(self, prompts, systems=BASE, settings=None, stops=()) -> Iterator[tuple[int, Generation]]:
+    def generate_as_ready(self, prompts, systems=BASE, settings=None, stops=()):
         """Each request's Generation as the server finishes it (see `generate`)."""
         settings = settings or GenerationSettings()
         systems = self._systems_for(prompts, systems)
@@ -250,7 +251,7 @@ class OpenAIBackend(Backend):
                    for index, (prompt, system) in enumerate(zip(prompts, systems))}
         try:
             for future in as_completed(futures):
-                yield futures[future], future.result()
+                yield [(futures[future], future.result())]
         finally:  # after a failure, rows not yet sent are not sent; those in flight end on their own
             pool.shutdown(wait=False, cancel_futures=True)
 

@@ -38,8 +38,8 @@ def summarize_pair(backend, dialogue, max_new, sample, temperature, top_p, left=
             done = {0: inference.summarize(backend, [dialogue], left, settings, TASK)[0]}
         else:
             done = {}
-            for side, out in inference.compare_as_ready(backend, dialogue, (left, right), settings, TASK):
-                done[side] = out
+            for group in inference.compare_as_ready(backend, dialogue, (left, right), settings, TASK):
+                done.update(group)
                 if len(done) == 1:  # the other side is still generating
                     a, b = done.get(0), done.get(1)
                     yield (a.display if a else PENDING, _stats(a) if a else "",
