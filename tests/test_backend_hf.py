@@ -60,6 +60,49 @@ def test_rows_that_finish_leave_the_batch_and_the_rest_continue_unchanged(tiny_b
     assert [(g.text, g.new_tokens, g.finish_reason) for g in together] == \
         [(g.text, g.new_tokens, g.finish_reason) for g in alone]
     assert calls[0] == 4 and len(calls) > 1 and calls[-1] < 4, calls
+    # taken as they finish: rows that left early come back in groups before the batch's end
+    groups = list(tiny_backend.generate_as_ready(prompts, systems, settings, (stop,)))
+    assert len(groups) > 1 and all(alone[i].new_tokens < 24 for group in groups[:-1] for i, _ in group)
+    ready = dict(pair for group in groups for pair in group)
+    assert [ready[i].text for i in range(4)] == [g.text for g in alone]
+
+
+def test_the_batcher_hands_back_rows_that_leave_early_but_never_a_calls_last_row():
+    """A call's last row comes with its batch's end, so no caller is released while its batch
+    runs (the wait for returning users counts them then); a failure after early rows still fails."""
+    from phisum.backends.batching import MicroBatcher
+
+    taken = threading.Event()  # the caller has the early rows: the batch may end
+
+    def run_rows(rows, settings, stops, on_done=None):
+        for k, row in enumerate(rows):
+            if row.startswith("short"):
+                on_done(k, f"{row}!")
+        if len(rows) > 1:
+            taken.wait(5)
+        if "boom" in rows:
+            raise RuntimeError("boom")
+        return [f"{p}!" for p in rows]
+
+    def groups(rows):
+        taken.clear()
+        ready = batcher.submit_as_ready(rows, SHORT, (), 8)
+        first = next(ready)
+        taken.set()
+        return [first, *ready]
+
+    batcher = MicroBatcher(run_rows, max_wait=0.0)
+    assert groups(["long", "short"]) == [[(1, "short!")], [(0, "long!")]]
+    assert groups(["short"]) == [[(0, "short!")]]
+    assert groups(["short a", "short b"]) == [[(0, "short a!")], [(1, "short b!")]]  # the last: at the end
+    taken.set()
+    assert batcher.submit(["long", "short"], SHORT, (), 8) == ["long!", "short!"]
+    taken.clear()
+    ready = batcher.submit_as_ready(["short", "boom"], SHORT, (), 8)
+    assert next(ready) == [(0, "short!")]
+    taken.set()
+    with pytest.raises(RuntimeError, match="boom"):
+        next(ready)
 
 
 def test_concurrent_calls_share_batches_and_give_the_same_outputs(tiny_backend):
@@ -70,10 +113,10 @@ def test_concurrent_calls_share_batches_and_give_the_same_outputs(tiny_backend):
     calls = []
     original = tiny_backend._run_rows
 
-    def counting(rows, settings, stops):
+    def counting(rows, settings, stops, on_done=None):
         calls.append(len(rows))
         time.sleep(0.05)  # hold the model a little so the other callers queue up
-        return original(rows, settings, stops)
+        return original(rows, settings, stops, on_done)
 
     tiny_backend._batcher.run_rows = counting
     results, errors = [None] * 8, []
@@ -104,7 +147,7 @@ def test_calls_a_few_milliseconds_apart_share_one_batch():
     def staggered(max_wait, callers=4, expected=8):
         calls = []
 
-        def run_rows(rows, settings, stops):
+        def run_rows(rows, settings, stops, on_done=None):
             calls.append(len(rows))
             return [f"{p}!" for p in rows]
 
@@ -125,7 +168,7 @@ def test_calls_a_few_milliseconds_apart_share_one_batch():
     assert staggered(5.0, callers=2, expected=4) == [4]  # two users: waits for their 4 rows, no longer
     assert time.perf_counter() - start < 2
 
-    batcher = MicroBatcher(lambda rows, settings, stops: list(rows), max_wait=5.0)
+    batcher = MicroBatcher(lambda rows, settings, stops, on_done=None: list(rows), max_wait=5.0)
     start = time.perf_counter()
     assert batcher.submit(["x"], SHORT, (), 8) == ["x"]
     assert batcher.submit(["y"], SHORT, (), 8) == ["y"]
@@ -141,7 +184,7 @@ def test_a_caller_that_missed_a_batch_joins_the_next_full_one():
     calls, started = [], threading.Event()
     release = threading.Event()
 
-    def run_rows(rows, settings, stops):
+    def run_rows(rows, settings, stops, on_done=None):
         calls.append(len(rows))
         started.set()
         release.wait(10)
@@ -171,7 +214,7 @@ def test_a_caller_that_missed_a_batch_joins_the_next_full_one():
 def test_a_failing_batch_fails_its_callers_and_the_batcher_keeps_serving(tiny_backend):
     original = tiny_backend._batcher.run_rows
 
-    def broken(rows, settings, stops):
+    def broken(rows, settings, stops, on_done=None):
         raise RuntimeError("boom")
 
     tiny_backend._batcher.run_rows = broken

@@ -1,12 +1,14 @@
 """Micro-batching for a backend that runs one model call at a time (the transformers backend).
 
 Rows of concurrent `generate` calls that arrive while the model is busy run together in the
-next call, so N users cost about one batch instead of N turns.
+next call, so N users cost about one batch instead of N turns. A caller may take its rows as
+they finish (`submit_as_ready`): rows that leave the batch early come back before it ends.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from collections import deque
@@ -27,7 +29,7 @@ class _Job:
     results: list = field(default_factory=list)
     pending: int = 0
     error: BaseException | None = None
-    done: threading.Event = field(default_factory=threading.Event)
+    ready: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)  # (row, Generation) or (None, error)
 
 
 class MicroBatcher:
@@ -55,19 +57,35 @@ class MicroBatcher:
         self.worker: threading.Thread | None = None
 
     def submit(self, rows, settings, stops, batch_size) -> list[Generation]:
+        results = [None] * len(rows)
+        for group in self.submit_as_ready(rows, settings, stops, batch_size):
+            for i, out in group:
+                results[i] = out
+        return results
+
+    def submit_as_ready(self, rows, settings, stops, batch_size):
+        """Yield [(row index, Generation), ...] as rows finish: those that leave a batch early
+        (when `run_rows` reports them), the rest when their batch ends. A call's last row always
+        comes with its batch's end, so a caller is never released while its batch still runs."""
         job = _Job(rows, merge_key(settings, stops), settings, stops, [None] * len(rows), len(rows))
         if not rows:
-            return []
+            return
         with self.cv:
             self.queue.extend((job, i, batch_size) for i in range(len(rows)))
             if self.worker is None or not self.worker.is_alive():
                 self.worker = threading.Thread(target=self._work, name="phisum-batcher", daemon=True)
                 self.worker.start()
             self.cv.notify()
-        job.done.wait()
-        if job.error is not None:
-            raise job.error
-        return job.results
+        received = 0
+        while received < len(rows):
+            group = [job.ready.get()]
+            while not job.ready.empty():
+                group.append(job.ready.get())
+            for i, out in group:
+                if i is None:
+                    raise out
+            received += len(group)
+            yield group
 
     def _next_batch(self):
         first, _, limit = self.queue[0]
@@ -95,9 +113,19 @@ class MicroBatcher:
                 while len(self.queue) < wanted and (left := deadline - time.monotonic()) > 0:
                     self.cv.wait(timeout=left)
                 first, batch = self._next_batch()
+            handed: dict[int, int] = {}  # batch row -> id of its call, for rows handed back early
+
+            def row_done(k, out):  # a row that left the batch early, unless it is its call's last
+                job, i, _ = batch[k]
+                if job.pending - sum(c == id(job) for c in handed.values()) > 1:
+                    job.results[i] = out
+                    handed[k] = id(job)
+                    job.ready.put((i, out))
+
             try:
                 started = time.perf_counter()
-                outputs = self.run_rows([job.rows[i] for job, i, _ in batch], first.settings, first.stops)
+                outputs = self.run_rows([job.rows[i] for job, i, _ in batch], first.settings, first.stops,
+                                        on_done=row_done)
                 log.debug("batch of %d rows from %d calls: %.2f s", len(batch), len({id(j) for j, _, _ in batch}),
                           time.perf_counter() - started)
                 for (job, i, _), out in zip(batch, outputs):
@@ -112,5 +140,8 @@ class MicroBatcher:
                 active = {id(job) for job, _, _ in batch} | {id(job) for job, _, _ in self.queue}
                 # callers answered now may come back with as many rows; queued ones are waiting already
                 self.expected = len(answered) + len(self.queue) if len(active) > 1 else 0
-            for job in {id(job): job for job in answered}.values():
-                job.done.set()
+            for k, (job, i, _) in enumerate(batch):  # released only now, after the count above
+                if job.error is None and k not in handed:
+                    job.ready.put((i, job.results[i]))
+            for job in {id(job): job for job, _, _ in batch if job.error is not None}.values():
+                job.ready.put((None, job.error))

@@ -157,17 +157,27 @@ class TransformersBackend(Backend):
         rows = [(p, s) for p, s in zip(prompts, systems)]
         return self._batcher.submit(rows, settings, tuple(stops), batch_size or self.batch_size)
 
-    def _run_rows(self, rows, settings, stops) -> list[Generation]:
+    def generate_as_ready(self, prompts, systems=BASE, settings=None, stops=()):
+        """Rows that leave their batch early (an adapter's short summary beside the base model's
+        long one) come back before the batch ends; the rest with it (see MicroBatcher)."""
+        settings = settings or GenerationSettings()
+        systems = self._systems_for(prompts, systems)
+        rows = [(p, s) for p, s in zip(prompts, systems)]
+        yield from self._batcher.submit_as_ready(rows, settings, tuple(stops), self.batch_size)
+
+    def _run_rows(self, rows, settings, stops, on_done=None) -> list[Generation]:
         prompts, systems = [p for p, _ in rows], [s for _, s in rows]
         try:
             with self.lock:
                 if len(set(systems)) == 1 or all(self._plain_lora_layers(n) for n in set(systems) - {BASE}):
-                    return self._generate_locked(prompts, systems, settings, stops)
+                    return self._generate_locked(prompts, systems, settings, stops, on_done=on_done)
                 # peft routes rows to DoRA and other LoRA variants one batch at a time only
                 results = [None] * len(rows)
                 for system in dict.fromkeys(systems):
                     index = [i for i, s in enumerate(systems) if s == system]
-                    outputs = self._generate_locked([prompts[i] for i in index], [system] * len(index), settings, stops)
+                    heard = on_done and (lambda j, out, index=index: on_done(index[j], out))
+                    outputs = self._generate_locked([prompts[i] for i in index], [system] * len(index), settings,
+                                                    stops, on_done=heard)
                     for i, out in zip(index, outputs):
                         results[i] = out
                 return results
@@ -245,7 +255,7 @@ class TransformersBackend(Backend):
             self._bf16_lora[system] = bf16_copies(self._plain_lora_layers(system), system)
         return swapped_in(self._bf16_lora[system])
 
-    def _generate_locked(self, batch, systems, settings, stops, cancel=None) -> list[Generation]:
+    def _generate_locked(self, batch, systems, settings, stops, cancel=None, on_done=None) -> list[Generation]:
         """Generate for every row from a grouped prefill (`_prefill`); rows leave as they finish.
 
         transformers' generate keeps a finished row in the batch, padding, until the last row
@@ -253,7 +263,8 @@ class TransformersBackend(Backend):
         model's reach their cap, and every step still pays for them (and for mixing adapters
         in one batch). So generate stops when a row is done, the finished rows are dropped
         from the sequences and the KV cache (`Cache.batch_select_indices`), and generation
-        continues from the cache for the rest: no token is computed twice."""
+        continues from the cache for the rest: no token is computed twice. `on_done(row, Generation)`
+        hears of each row that leaves while others go on."""
         tokens = self.tokenizer(list(batch)).input_ids
         enc = self._pad(tokens)
         prompt_len = enc["input_ids"].shape[1]
@@ -263,7 +274,13 @@ class TransformersBackend(Backend):
         with torch.inference_mode():
             cache = self._prefill(tokens, systems, room=settings.max_new_tokens + 1)
         ids, mask = enc["input_ids"], enc["attention_mask"]
-        alive, new_ids = list(range(len(batch))), {}
+        alive, results = list(range(len(batch))), {}
+
+        def finish(row, new_ids, end):
+            prompt_tokens = int(enc["attention_mask"][row].sum())
+            return self._finish(new_ids, systems[row], prompt_tokens, stops, settings.max_new_tokens,
+                                clock.seconds(row, end), cancel)
+
         while alive:
             left = settings.max_new_tokens - (ids.shape[1] - prompt_len)
             criteria = StoppingCriteriaList([LeaveEarly(clock) if self.leave_early else clock])
@@ -279,7 +296,9 @@ class TransformersBackend(Backend):
             keep = [] if over else [j for j, row in enumerate(alive) if row not in clock.finished]
             for j, row in enumerate(alive):
                 if j not in keep:
-                    new_ids[row] = out.sequences[j, prompt_len:]
+                    results[row] = finish(row, out.sequences[j, prompt_len:], time.perf_counter())
+                    if keep and on_done is not None:
+                        on_done(row, results[row])
             if not keep:
                 break
             cache = out.past_key_values
@@ -287,13 +306,7 @@ class TransformersBackend(Backend):
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], steps)], dim=1)[keep]
             ids, alive = out.sequences[keep], [alive[j] for j in keep]
             clock.rows = alive
-        done = time.perf_counter()
-        results = []
-        for row, system in enumerate(systems):
-            prompt_tokens = int(enc["attention_mask"][row].sum())
-            results.append(self._finish(new_ids[row], system, prompt_tokens, stops, settings.max_new_tokens,
-                                        clock.seconds(row, done), cancel))
-        return results
+        return [results[row] for row in range(len(batch))]
 
     def _finish(self, new_ids, system, prompt_tokens, stops, max_new, seconds, cancel) -> Generation:
         ids = new_ids.tolist()
