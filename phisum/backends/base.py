@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import abc
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 from phisum.generation import BASE, Generation, GenerationSettings, InputError
 from phisum.profiles import Profile
@@ -110,6 +110,15 @@ class Backend(abc.ABC):
         for system in set(systems):
             self.require(system)
         return systems
+
+
+def gather(groups: Iterable[list[tuple[int, Generation]]], count: int) -> list[Generation]:
+    """`generate_as_ready`'s groups back in row order: what `generate` returns."""
+    results = [None] * count
+    for group in groups:
+        for index, generation in group:
+            results[index] = generation
+    return results
 
 
 def merge_key(settings: GenerationSettings, stops: Sequence[str]):

@@ -11,10 +11,10 @@ import logging
 import queue
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
-from phisum.backends.base import merge_key
+from phisum.backends.base import gather, merge_key
 from phisum.generation import Generation, GenerationSettings
 
 log = logging.getLogger(__name__)
@@ -57,11 +57,7 @@ class MicroBatcher:
         self.worker: threading.Thread | None = None
 
     def submit(self, rows, settings, stops, batch_size) -> list[Generation]:
-        results = [None] * len(rows)
-        for group in self.submit_as_ready(rows, settings, stops, batch_size):
-            for i, out in group:
-                results[i] = out
-        return results
+        return gather(self.submit_as_ready(rows, settings, stops, batch_size), len(rows))
 
     def submit_as_ready(self, rows, settings, stops, batch_size):
         """Yield [(row index, Generation), ...] as rows finish: those that leave a batch early
@@ -113,13 +109,14 @@ class MicroBatcher:
                 while len(self.queue) < wanted and (left := deadline - time.monotonic()) > 0:
                     self.cv.wait(timeout=left)
                 first, batch = self._next_batch()
-            handed: dict[int, int] = {}  # batch row -> id of its call, for rows handed back early
+            handed, early = set(), Counter()  # batch rows handed back before the end; how many per call
 
             def row_done(k, out):  # a row that left the batch early, unless it is its call's last
                 job, i, _ = batch[k]
-                if job.pending - sum(c == id(job) for c in handed.values()) > 1:
+                if job.pending - early[id(job)] > 1:
+                    early[id(job)] += 1
+                    handed.add(k)
                     job.results[i] = out
-                    handed[k] = id(job)
                     job.ready.put((i, out))
 
             try:

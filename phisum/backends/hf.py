@@ -26,7 +26,7 @@ with frozen_imports():  # the model stack's import-time objects, out of the coll
 
 from phisum.adapters import (AdapterError, AdapterSource, adapter_display, check_adapter, describe_adapter,
                              resolve_adapter)
-from phisum.backends.base import Backend
+from phisum.backends.base import Backend, gather
 from phisum.backends.batching import MicroBatcher
 from phisum.backends.kv_cache import as_dynamic, buffered_cache
 from phisum.backends.lora_state import bf16_copies, masked_by_row, plain_lora_layers, swapped_in
@@ -152,18 +152,17 @@ class TransformersBackend(Backend):
 
     # ------------------------------------------------------------ generation
     def generate(self, prompts, systems=BASE, settings=None, stops=(), batch_size=None) -> list[Generation]:
-        settings = settings or GenerationSettings()
-        systems = self._systems_for(prompts, systems)
-        rows = [(p, s) for p, s in zip(prompts, systems)]
-        return self._batcher.submit(rows, settings, tuple(stops), batch_size or self.batch_size)
+        return gather(self._submit(prompts, systems, settings, stops, batch_size), len(prompts))
 
     def generate_as_ready(self, prompts, systems=BASE, settings=None, stops=()):
         """Rows that leave their batch early (an adapter's short summary beside the base model's
         long one) come back before the batch ends; the rest with it (see MicroBatcher)."""
-        settings = settings or GenerationSettings()
-        systems = self._systems_for(prompts, systems)
-        rows = [(p, s) for p, s in zip(prompts, systems)]
-        yield from self._batcher.submit_as_ready(rows, settings, tuple(stops), self.batch_size)
+        yield from self._submit(prompts, systems, settings, stops)
+
+    def _submit(self, prompts, systems, settings, stops, batch_size=None):
+        systems = self._systems_for(prompts, systems)  # here: a bad call fails before any row is queued
+        return self._batcher.submit_as_ready(list(zip(prompts, systems)), settings or GenerationSettings(),
+                                             tuple(stops), batch_size or self.batch_size)
 
     def _run_rows(self, rows, settings, stops, on_done=None) -> list[Generation]:
         prompts, systems = [p for p, _ in rows], [s for _, s in rows]

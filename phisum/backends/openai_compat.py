@@ -28,7 +28,7 @@ from pathlib import Path
 
 import httpx
 
-from phisum.backends.base import Backend, BackendError
+from phisum.backends.base import Backend, BackendError, gather
 from phisum.backends.openai_wire import (STYLES, Reply, completion_payload, display_url, error_text,
                                          lora_adapter_name, one_line, parse_completion, parse_stream_event,
                                          parse_vllm_models, server_root, short_name)
@@ -234,11 +234,7 @@ class OpenAIBackend(Backend):
         whatever else is in flight. Each call bounds only itself, so a long evaluation keeps no more
         than that queued at the server and a click arriving meanwhile waits for a slot, not for the
         evaluation. `batch_size` is not used: the server forms its own batches."""
-        results = [None] * len(prompts)
-        for group in self.generate_as_ready(prompts, systems, settings, stops):
-            for index, generation in group:
-                results[index] = generation
-        return results
+        return gather(self.generate_as_ready(prompts, systems, settings, stops), len(prompts))
 
     def generate_as_ready(self, prompts, systems=BASE, settings=None, stops=()):
         """Each request's Generation as the server finishes it (see `generate`)."""
